@@ -1,0 +1,176 @@
+"""Model configuration: the `ViTConfig` dataclass, the paper's variants as named presets, and the
+preprocessing that travels with a model.
+
+Variants follow Table 1 of Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image
+Recognition at Scale" (ICLR 2021), with Ti and S from DeiT (Touvron et al., 2021). Customise a preset
+with `dataclasses.replace(PRESETS["vit_b_16"], num_classes=10)` or `create_model("vit_b_16",
+num_classes=10)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Tuple
+
+# ImageNet statistics in [0, 1] units; the pipelines scale them to [0, 255] for `Normalize`.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of one Vision Transformer. Field names are a public contract (checkpoints store them)."""
+
+    image_size: int = 224  # input side in pixels (square images)
+    patch_size: int = 16  # side of one patch; image_size must be a multiple of it
+    in_channels: int = 3  # colour channels of the input
+    num_classes: int = 1000  # width of the classification head
+    embed_dim: int = 768  # token width D ("hidden size")
+    depth: int = 12  # number of encoder blocks L
+    num_heads: int = 12  # attention heads; embed_dim must be a multiple of it
+    mlp_dim: int = 3072  # hidden width of the feed-forward block
+    dropout: float = 0.0  # dropout after embeddings, in the MLP and before the head
+    attention_dropout: float = 0.0  # dropout on the attention probabilities
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 to this at the last block
+    norm_eps: float = 1e-6  # LayerNorm epsilon (JAX/timm use 1e-6, MindSpore's default is 1e-7)
+    gelu_approximate: bool = False  # True: tanh GELU (MindSpore's nn.GELU default); False: exact erf
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "embed_dim", "depth",
+                     "num_heads", "mlp_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ViTConfig.image_size ({self.image_size}) must be divisible by "
+                             f"ViTConfig.patch_size ({self.patch_size})")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"ViTConfig.embed_dim ({self.embed_dim}) must be divisible by "
+                             f"ViTConfig.num_heads ({self.num_heads})")
+        for name in ("dropout", "attention_dropout", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"ViTConfig.norm_eps must be positive, got {self.norm_eps!r}")
+        if not isinstance(self.gelu_approximate, bool):
+            raise ValueError(f"ViTConfig.gelu_approximate must be a bool, got {self.gelu_approximate!r}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along one side of the image."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ViTConfig":
+        """Build from a dict (e.g. checkpoint metadata), rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ViTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+def _variant(width: int, depth: int, heads: int, mlp: int, patch: int) -> ViTConfig:
+    return ViTConfig(patch_size=patch, embed_dim=width, depth=depth, num_heads=heads, mlp_dim=mlp)
+
+
+# Table 1 of the paper (B, L, H) and DeiT (Ti, S): width, depth, heads, MLP width, patch size.
+PRESETS = {
+    "vit_ti_16": _variant(192, 12, 3, 768, 16),
+    "vit_s_16": _variant(384, 12, 6, 1536, 16),
+    "vit_s_32": _variant(384, 12, 6, 1536, 32),
+    "vit_b_16": _variant(768, 12, 12, 3072, 16),
+    "vit_b_32": _variant(768, 12, 12, 3072, 32),
+    "vit_l_16": _variant(1024, 24, 16, 4096, 16),
+    "vit_l_32": _variant(1024, 24, 16, 4096, 32),
+    "vit_h_14": _variant(1280, 32, 16, 5120, 14),
+}
+# The MindSpore tutorial's ViT-B/16: MindSpore's default tanh GELU and LayerNorm epsilon, so that its
+# pretrained vit_b_16_224.ckpt reproduces the tutorial's numbers exactly.
+PRESETS["tutorial"] = dataclasses.replace(PRESETS["vit_b_16"], norm_eps=1e-7, gelu_approximate=True)
+
+
+def get_config(name_or_config, **overrides) -> ViTConfig:
+    """Resolve a preset name (or a `ViTConfig`) and apply field overrides."""
+    if isinstance(name_or_config, ViTConfig):
+        config = name_or_config
+    elif name_or_config in PRESETS:
+        config = PRESETS[name_or_config]
+    else:
+        raise ValueError(f"unknown model preset {name_or_config!r}; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown ViTConfig field(s) {unknown}; known fields: {sorted(known)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def count_parameters(config: ViTConfig) -> int:
+    """Number of trainable parameters, computed from the config alone (no tensors allocated)."""
+    d, p, c = config.embed_dim, config.patch_size, config.in_channels
+    patch_embed = c * p * p * d + d
+    tokens = d + (config.num_patches + 1) * d  # CLS token + position embedding
+    block = (2 * d  # norm1
+             + d * 3 * d + 3 * d  # fused qkv
+             + d * d + d  # output projection
+             + 2 * d  # norm2
+             + d * config.mlp_dim + config.mlp_dim  # fc1
+             + config.mlp_dim * d + d)  # fc2
+    head = 2 * d + d * config.num_classes + config.num_classes  # final norm + classifier
+    return patch_embed + tokens + config.depth * block + head
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images are prepared for a model; stored in every checkpoint so train, eval and infer agree."""
+
+    image_size: int = 224  # side of the square crop fed to the model
+    mean: Tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean, [0, 1] units
+    std: Tuple[float, float, float] = IMAGENET_STD  # per-channel std, [0, 1] units
+    crop_pct: float = 224 / 256  # eval: resize the short side to image_size / crop_pct, then center crop
+    interpolation: str = "bilinear"  # resize filter
+
+    def __post_init__(self):
+        if self.image_size <= 0:
+            raise ValueError(f"Preprocess.image_size must be positive, got {self.image_size!r}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"Preprocess.crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("Preprocess.mean and Preprocess.std need three values, std positive")
+
+    @property
+    def resize_size(self) -> int:
+        """Short side before the eval center crop (256 for a 224 crop)."""
+        return int(round(self.image_size / self.crop_pct))
+
+    @classmethod
+    def for_model(cls, config: ViTConfig, **overrides) -> "Preprocess":
+        return cls(image_size=config.image_size, **overrides)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocess":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Preprocess field(s) {unknown}; known fields: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+
+__all__ = ["ViTConfig", "PRESETS", "Preprocess", "get_config", "count_parameters",
+           "IMAGENET_MEAN", "IMAGENET_STD"]

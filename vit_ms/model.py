@@ -1,0 +1,182 @@
+"""The Vision Transformer as MindSpore Cells (Dosovitskiy et al., ICLR 2021, Eq. 1-4).
+
+    z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos             (1)  PatchEmbed, cls_token, pos_embed
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                           (2)  Block: attention branch
+    z_l = MLP(LN(z'_l)) + z'_l                                  (3)  Block: feed-forward branch
+    y = LN(z_L^0)                                               (4)  norm, then head on the CLS token
+
+Weight init (the paper's JAX scheme, as in big_vision): Dense kernels Xavier-uniform, biases zero
+except the MLP's N(0, 1e-6); the patch-embedding conv LeCun-normal (fan-in); the position embedding
+N(0, 0.02); the CLS token and the classifier head zero; LayerNorm ones/zeros. Each initializer is
+declared where its layer is built.
+
+The model knows nothing of checkpoints, data or training: see `vit_ms.checkpoint` for weights.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import nn, ops, Parameter
+from mindspore.common.initializer import Normal, TruncatedNormal, XavierUniform, Zero, initializer
+
+from .config import ViTConfig, get_config
+
+
+def _dense(in_dim: int, out_dim: int, bias_std: float = 0.0) -> nn.Dense:
+    bias_init = Normal(bias_std) if bias_std else Zero()
+    return nn.Dense(in_dim, out_dim, weight_init=XavierUniform(), bias_init=bias_init)
+
+
+class PatchEmbed(nn.Cell):
+    """Split the image into patches and project each to `embed_dim` with one strided convolution."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        fan_in = config.in_channels * config.patch_size ** 2
+        # LeCun normal, truncated at 2 sigma; 0.8796 undoes the variance lost to truncation (as in JAX).
+        sigma = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+        self.proj = nn.Conv2d(config.in_channels, config.embed_dim, kernel_size=config.patch_size,
+                              stride=config.patch_size, pad_mode="valid", has_bias=True,
+                              weight_init=TruncatedNormal(sigma, a=-2 * sigma, b=2 * sigma), bias_init=Zero())
+
+    def construct(self, x):
+        x = self.proj(x)  # (B, C, H, W) -> (B, D, H/p, W/p)
+        x = x.flatten(start_dim=2)  # -> (B, D, N)
+        return x.swapaxes(1, 2)  # -> (B, N, D)
+
+
+class Attention(nn.Cell):
+    """Multi-head self-attention with one fused qkv projection."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = _dense(config.embed_dim, 3 * config.embed_dim)
+        self.attn_drop = nn.Dropout(p=config.attention_dropout)
+        self.proj = _dense(config.embed_dim, config.embed_dim)
+
+    def attention_probs(self, x):
+        """softmax(q k^T / sqrt(d_h)) and v, from tokens x of shape (B, N, D)."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)  # -> (3, B, heads, N, head_dim)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = ops.matmul(q * self.scale, k.swapaxes(-1, -2))  # (B, heads, N, N)
+        return ops.softmax(scores, axis=-1), v
+
+    def construct(self, x):
+        b, n, d = x.shape
+        probs, v = self.attention_probs(x)
+        x = ops.matmul(self.attn_drop(probs), v)  # (B, heads, N, head_dim)
+        x = x.swapaxes(1, 2).reshape(b, n, d)  # -> (B, N, D)
+        return self.proj(x)
+
+
+class FeedForward(nn.Cell):
+    """The MLP of each block: Dense, GELU, dropout, Dense, dropout."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.fc1 = _dense(config.embed_dim, config.mlp_dim, bias_std=1e-6)
+        self.act = nn.GELU(approximate=config.gelu_approximate)
+        self.fc2 = _dense(config.mlp_dim, config.embed_dim, bias_std=1e-6)
+        self.drop = nn.Dropout(p=config.dropout)
+
+    def construct(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth: drop a sample's whole residual branch with probability p while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def construct(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = ops.floor(keep + ops.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype))
+        return x / keep * mask
+
+
+class Block(nn.Cell):
+    """One pre-norm encoder block, Eq. 2 and 3."""
+
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm((config.embed_dim,), epsilon=config.norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm((config.embed_dim,), epsilon=config.norm_eps)
+        self.mlp = FeedForward(config)
+        self.drop_path = DropPath(drop_path)
+
+    def construct(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))  # (2)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))  # (3)
+        return x
+
+
+class ViT(nn.Cell):
+    """Vision Transformer classifier: `ViT(config)(images) -> logits`, images (B, C, H, W) float32."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = Parameter(initializer(Zero(), (1, 1, d)), name="cls_token")
+        self.pos_embed = Parameter(initializer(Normal(0.02), (1, config.num_patches + 1, d)), name="pos_embed")
+        self.pos_drop = nn.Dropout(p=config.dropout)
+        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.CellList([Block(config, rate) for rate in rates])
+        self.norm = nn.LayerNorm((d,), epsilon=config.norm_eps)
+        self.head_drop = nn.Dropout(p=config.dropout)
+        # Zero head (as in big_vision): a fresh head starts from uniform predictions when fine-tuning.
+        self.head = nn.Dense(d, config.num_classes, weight_init=Zero(), bias_init=Zero())
+
+    def embed(self, x):
+        """Eq. 1: patch tokens, CLS token in front, position embedding added."""
+        x = self.patch_embed(x)  # (B, N, D)
+        cls = ops.broadcast_to(self.cls_token, (x.shape[0], -1, -1))  # (B, 1, D)
+        x = ops.cat((cls, x), axis=1) + self.pos_embed  # (B, N + 1, D)
+        return self.pos_drop(x)
+
+    def forward_features(self, x):
+        """Images (B, C, H, W) -> normed tokens (B, N + 1, D)."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)  # (4)
+
+    def forward_head(self, x):
+        """Normed tokens (B, N + 1, D) -> logits (B, num_classes), from the CLS token."""
+        return self.head(self.head_drop(x[:, 0]))
+
+    def construct(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def create_model(name_or_config="vit_b_16", **overrides) -> ViT:
+    """Build a ViT from a preset name or a `ViTConfig`; `overrides` are `ViTConfig` field names.
+
+    Args:
+        name_or_config: a key of `vit_ms.PRESETS` (e.g. "vit_b_16", "tutorial") or a `ViTConfig`.
+        **overrides: field values replacing the preset's, e.g. `num_classes=10, image_size=64`.
+    """
+    return ViT(get_config(name_or_config, **overrides))
+
+
+def set_dynamic_batch(net: nn.Cell, config: ViTConfig) -> nn.Cell:
+    """Declare a dynamic batch dimension so graph mode compiles once for every batch size."""
+    net.set_inputs(ms.Tensor(shape=[None, config.in_channels, config.image_size, config.image_size],
+                             dtype=ms.float32))
+    return net
+
+
+__all__ = ["ViT", "PatchEmbed", "Attention", "FeedForward", "DropPath", "Block", "create_model",
+           "set_dynamic_batch"]
