@@ -70,4 +70,21 @@ def config_from_metadata(meta: dict) -> tuple[ViTConfig, Preprocess]:
     return config, Preprocess.from_dict(meta["preprocess"])
 
 
-__all__ = ["META_KEY", "make_metadata", "save_checkpoint", "read_metadata", "config_from_metadata"]
+def load_model(path):
+    """Build the ViT a vit_ms checkpoint describes and load its weights: returns (net, metadata)."""
+    from .model import ViT  # checkpoint imports the model only to build one from metadata
+
+    meta = read_metadata(path)
+    if meta is None:
+        raise ValueError(f"{path} has no vit_ms metadata; build the model yourself and use "
+                         f"vit_ms.checkpoint.load_weights(net, {str(path)!r}) instead")
+    config, _ = config_from_metadata(meta)
+    net = ViT(config)
+    params = ms.load_checkpoint(str(path), choice_func=lambda name: name != META_KEY)
+    not_loaded, _ = ms.load_param_into_net(net, params, strict_load=True)
+    if not_loaded:
+        raise ValueError(f"{path} lacks parameters {not_loaded}")
+    return net, meta
+
+
+__all__ = ["META_KEY", "make_metadata", "save_checkpoint", "read_metadata", "config_from_metadata", "load_model"]
