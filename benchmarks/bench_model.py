@@ -1,0 +1,346 @@
+"""Benchmark vit_ms against an equivalent PyTorch ViT on this machine: images/s, first-call time, peak RSS.
+
+Inference and one training step (cross-entropy + AdamW) for each preset and batch size, MindSpore
+(graph mode, dynamic batch) and PyTorch eager side by side. Every measurement runs in its own
+subprocess, so peak RSS (`ru_maxrss`) is that framework's alone, and the frameworks alternate round by
+round, so a noisy machine slows both alike and the ratio holds. GFLOP/s is counted from the model's
+matrix products (forward 1x, training 3x) and compared with this machine's float32 GEMM peak, measured
+with NumPy.
+
+    python benchmarks/bench_model.py                                   # Ti/S/B at 224, batch 1 and 16
+    python benchmarks/bench_model.py --presets vit_s_16 --batches 16 --tasks infer --repeats 1
+    python benchmarks/bench_model.py --frameworks mindspore,mindspore-plain,torch --output out.json
+
+PyTorch is a benchmark-time dependency only (`pip install torch`); vit_ms never imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("bench_model")
+FRAMEWORKS = ("mindspore", "mindspore-plain", "torch")
+
+
+# --- what a ViT costs ----------------------------------------------------------------------------
+
+def forward_flops(config) -> int:
+    """Multiply-adds x 2 of one image's forward pass (matrix products only; the rest is < 1 %)."""
+    d, m, n = config.embed_dim, config.mlp_dim, config.num_patches + 1
+    patch = 2 * config.num_patches * config.in_channels * config.patch_size ** 2 * d
+    block = 2 * n * d * (3 * d + d + 2 * m) + 2 * 2 * n * n * d  # qkv, proj, fc1, fc2; q k^T and probs v
+    return patch + config.depth * block + 2 * d * config.num_classes
+
+
+def sgemm_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
+    """Best float32 GEMM rate NumPy reaches here: the ceiling for both frameworks."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    a @ b
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# --- one measurement, in a fresh process ---------------------------------------------------------
+
+def _torch_vit(config):
+    """The same ViT math from torch.nn parts: conv patch embedding, fused qkv, pre-norm blocks."""
+    import torch
+    from torch import nn
+    F = nn.functional
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            d = config.embed_dim
+            self.norm1 = nn.LayerNorm(d, eps=config.norm_eps)
+            self.qkv = nn.Linear(d, 3 * d)
+            self.proj = nn.Linear(d, d)
+            self.norm2 = nn.LayerNorm(d, eps=config.norm_eps)
+            self.fc1 = nn.Linear(d, config.mlp_dim)
+            self.fc2 = nn.Linear(config.mlp_dim, d)
+
+        def forward(self, x):
+            b, n, d = x.shape
+            h = config.num_heads
+            q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+            probs = torch.softmax(q * (d // h) ** -0.5 @ k.transpose(-1, -2), dim=-1)
+            x = x + self.proj((probs @ v).transpose(1, 2).reshape(b, n, d))
+            act = F.gelu(self.fc1(self.norm2(x)), approximate="tanh" if config.gelu_approximate else "none")
+            return x + self.fc2(act)
+
+    class ViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            d = config.embed_dim
+            self.patch_embed = nn.Conv2d(config.in_channels, d, config.patch_size, config.patch_size)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+            self.pos_embed = nn.Parameter(torch.randn(1, config.num_patches + 1, d) * 0.02)
+            self.blocks = nn.ModuleList(Block() for _ in range(config.depth))
+            self.norm = nn.LayerNorm(d, eps=config.norm_eps)
+            self.head = nn.Linear(d, config.num_classes)
+
+        def forward(self, x):
+            x = self.patch_embed(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.norm(x)[:, 0])
+
+    return ViT()
+
+
+def _torch_step(config, task):
+    import torch
+    torch.manual_seed(0)
+    net = _torch_vit(config)
+    if task == "infer":
+        net.eval()
+
+        def step(x, y):
+            with torch.no_grad():
+                return net(x)
+    else:
+        loss_fn = torch.nn.CrossEntropyLoss()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+    return step, lambda a: torch.from_numpy(a), lambda out: out.detach().numpy()
+
+
+def _mindspore_step(config, task, fast, memory):
+    import mindspore as ms
+    from mindspore import nn
+    from vit_ms import create_model, set_dynamic_batch
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    if memory:
+        ms.set_context(memory_optimize_level="O1")
+    ms.set_seed(0)
+    net = create_model(config, fast=fast)
+    if task == "infer":
+        net.set_train(False)
+        step = set_dynamic_batch(net, config)
+        run = step
+    else:
+        opt = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.05)
+        step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.CrossEntropyLoss()), opt)
+        step.set_train(True)
+        s = config.image_size
+        step.set_inputs(ms.Tensor(shape=[None, config.in_channels, s, s], dtype=ms.float32),
+                        ms.Tensor(shape=[None], dtype=ms.int32))
+        run = step
+    if task == "infer":
+        return (lambda x, y: run(x)), (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy())
+    return run, (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy())
+
+
+def worker(args) -> dict:
+    """Time one framework on one preset/batch/task; the caller runs this in a fresh process."""
+    from vit_ms import get_config
+
+    config = get_config(args.preset, image_size=args.image_size)
+    if args.framework == "torch":
+        import torch
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        step, to_tensor, to_numpy = _torch_step(config, args.task)
+    else:
+        step, to_tensor, to_numpy = _mindspore_step(config, args.task, args.framework == "mindspore",
+                                                    args.memory_optimize)
+    rng = np.random.default_rng(0)
+
+    def batch(size):
+        x = rng.standard_normal((size, config.in_channels, config.image_size, config.image_size), dtype=np.float32)
+        y = rng.integers(0, config.num_classes, size).astype(np.int64 if args.framework == "torch" else np.int32)
+        return to_tensor(x), to_tensor(y)
+
+    x, y = batch(args.batch)
+    t = time.perf_counter()
+    to_numpy(step(x, y))
+    first_call = time.perf_counter() - t
+    for _ in range(args.warmup):
+        to_numpy(step(x, y))
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        to_numpy(step(x, y))
+        times.append(time.perf_counter() - t)
+    # A different batch size: with a dynamic batch dimension this is a plain step, not a recompile.
+    other = max(1, args.batch // 2) if args.batch > 1 else 2
+    x2, y2 = batch(other)
+    t = time.perf_counter()
+    to_numpy(step(x2, y2))
+    rebatch = time.perf_counter() - t
+    step_s = statistics.median(times)
+    return {"images_per_s": args.batch / step_s, "step_s": step_s, "first_call_s": first_call,
+            "rebatch_call_s": rebatch, "rebatch_size": other,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# --- the interleaved driver ----------------------------------------------------------------------
+
+def measure(args, framework, preset, batch, task) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--presets", preset,
+           "--batches", str(batch), "--tasks", task, "--iters", str(args.iters), "--warmup", str(args.warmup),
+           "--image-size", str(args.image_size), "--threads", str(args.threads)]
+    if args.memory_optimize:
+        cmd.append("--memory-optimize")
+    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
+    # The worker runs in a scratch dir: MindSpore's graph compiler drops rank_0/ and kernel_meta/ there.
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=scratch,
+                          timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{framework} {preset} batch {batch} {task} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def run(args) -> dict:
+    from vit_ms import get_config
+
+    peak = sgemm_peak_gflops()
+    logger.info("float32 GEMM peak (NumPy, %d threads visible): %.1f GFLOP/s", os.cpu_count(), peak)
+    rows = []
+    for preset in args.presets:
+        config = get_config(preset, image_size=args.image_size)
+        for batch in args.batches:
+            for task in args.tasks:
+                samples = {fw: [] for fw in args.frameworks}
+                for rep in range(args.repeats):
+                    # Alternate which framework goes first, so neither always gets the quieter slot.
+                    order = args.frameworks if rep % 2 == 0 else args.frameworks[::-1]
+                    for fw in order:
+                        result = measure(args, fw, preset, batch, task)
+                        samples[fw].append(result)
+                        logger.info("%s %s b%d %s rep %d: %.2f img/s, first call %.1f s, peak RSS %.0f MB",
+                                    preset, task, batch, fw, rep, result["images_per_s"],
+                                    result["first_call_s"], result["peak_rss_mb"])
+                flops = forward_flops(config) * (3 if task == "train" else 1)
+                for fw, results in samples.items():
+                    ips = statistics.median(r["images_per_s"] for r in results)
+                    rows.append({
+                        "preset": preset, "batch": batch, "task": task, "framework": fw,
+                        "images_per_s": ips,
+                        "gflop_per_s": ips * flops / 1e9,
+                        "peak_fraction": ips * flops / 1e9 / peak,
+                        "first_call_s": statistics.median(r["first_call_s"] for r in results),
+                        "rebatch_call_s": statistics.median(r["rebatch_call_s"] for r in results),
+                        "step_s": statistics.median(r["step_s"] for r in results),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                        "samples": results,
+                    })
+    return {"date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                                           "python": platform.python_version()},
+            "sgemm_peak_gflops": peak, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
+            "rows": rows}
+
+
+def format_table(report: dict) -> str:
+    """A Markdown table, one line per preset/batch/task, vit_ms beside PyTorch."""
+    rows = report["rows"]
+    frameworks = list(dict.fromkeys(r["framework"] for r in rows))
+    head = ["model", "batch", "task"]
+    for fw in frameworks:
+        head += [f"{fw} img/s", f"{fw} first call s", f"{fw} peak RSS MB", f"{fw} GFLOP/s"]
+    if "torch" in frameworks and "mindspore" in frameworks:
+        head += ["speed vs torch", "memory vs torch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(dict.fromkeys((r["preset"], r["batch"], r["task"]) for r in rows))
+    for key in keys:
+        by_fw = {r["framework"]: r for r in rows if (r["preset"], r["batch"], r["task"]) == key}
+        cells = [key[0], str(key[1]), key[2]]
+        for fw in frameworks:
+            r = by_fw[fw]
+            cells += [f"{r['images_per_s']:.2f}", f"{r['first_call_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                      f"{r['gflop_per_s']:.0f}"]
+        if "torch" in by_fw and "mindspore" in by_fw:
+            ms_r, pt = by_fw["mindspore"], by_fw["torch"]
+            cells += [f"{ms_r['images_per_s'] / pt['images_per_s']:.2f}x",
+                      f"{ms_r['peak_rss_mb'] / pt['peak_rss_mb']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nfloat32 GEMM peak (NumPy): {report['sgemm_peak_gflops']:.0f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    def csv(kind):
+        return lambda text: [kind(v) for v in text.split(",") if v]
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", type=csv(str), default=["vit_ti_16", "vit_s_16", "vit_b_16"],
+                   help="comma-separated vit_ms preset names (default: vit_ti_16,vit_s_16,vit_b_16)")
+    p.add_argument("--batches", type=csv(int), default=[1, 16], help="comma-separated batch sizes (default: 1,16)")
+    p.add_argument("--tasks", type=csv(str), default=["infer", "train"],
+                   help="infer (forward, no grad) and/or train (forward, backward, AdamW step); default both")
+    p.add_argument("--frameworks", type=csv(str), default=["mindspore", "torch"],
+                   help=f"any of {', '.join(FRAMEWORKS)}; mindspore-plain is vit_ms with fast=False "
+                        "(default: mindspore,torch)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved rounds per measurement, each in a fresh process; the median counts (default 3)")
+    p.add_argument("--iters", type=int, default=3, help="timed steps per process; the median counts (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first call (default 1)")
+    p.add_argument("--image-size", type=int, default=224, help="input side in pixels (default 224)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="PyTorch intra-op threads; 0 keeps PyTorch's default (all cores)")
+    p.add_argument("--memory-optimize", action="store_true",
+                   help="MindSpore memory_optimize_level=O1 (memory reuse across the graph)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds before one measurement is abandoned")
+    p.add_argument("--scratch", default="outputs/bench_scratch",
+                   help="working dir for the worker processes (MindSpore writes compiler files there)")
+    p.add_argument("--output", type=Path, help="write the full report (every sample) as JSON here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--framework", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.frameworks) - set(FRAMEWORKS))
+    if unknown:
+        p.error(f"unknown framework(s) {unknown}; choose from {', '.join(FRAMEWORKS)}")
+    unknown = sorted(set(args.tasks) - {"infer", "train"})
+    if unknown:
+        p.error(f"unknown task(s) {unknown}; choose infer and/or train")
+    args.scratch = str(Path(args.scratch).resolve())
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        args.preset, args.batch, args.task = args.presets[0], args.batches[0], args.tasks[0]
+        print(json.dumps(worker(args)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    report = run(args)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2))
+        logger.info("wrote %s", args.output)
+    print(format_table(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,820 @@
+"""Checkpoints: every naming scheme loads with the original's logits, foreign formats against independent
+references (PyTorch models with timm's and torchvision's exact parameter names, a NumPy forward pass in
+JAX's layout), head dropping, pos-embed resampling, every error case leaving the net untouched, the
+named pretrained download (over a loopback HTTP server) and convert.py as a user runs it."""
+import collections
+import dataclasses
+import functools
+import http.server
+import importlib.util
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import save_file as save_safetensors_numpy
+from safetensors.torch import save_file as save_safetensors_torch
+
+from vit_ms import ViTConfig, create_model, load_weights, resolve_pretrained
+from vit_ms.checkpoint import (SOURCES, CheckpointError, META_KEY, convert, default_cache_dir, detect_source,
+                               infer_config, load_model, make_metadata, read_metadata, resample_pos_embed,
+                               save_checkpoint)
+
+REPO = Path(__file__).resolve().parents[1]
+# Names and shapes of the 152 tensors in the tutorial's vit_b_16_224.ckpt.
+TUTORIAL_KEYS = Path(__file__).parent / "data" / "tutorial_vit_b_16_keys.json"
+
+# PyTorch conventions (timm / torchvision): exact GELU, epsilon 1e-6.
+TINY = ViTConfig(image_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=2, num_heads=4, mlp_dim=128)
+TINY_TUTORIAL = dataclasses.replace(TINY, norm_eps=1e-7, gelu_approximate=True)
+TINY_JAX = dataclasses.replace(TINY, gelu_approximate=True)  # Flax's nn.gelu is the tanh form
+
+
+@pytest.fixture(autouse=True)
+def _pynative():
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=previous)
+
+
+def images(config, n=2, seed=1):
+    return np.random.default_rng(seed).normal(size=(n, 3, config.image_size, config.image_size)).astype(np.float32)
+
+
+def logits(net, x):
+    net.set_train(False)
+    return net(ms.Tensor(x)).asnumpy()
+
+
+def random_net(config, seed=0):
+    """A ViT whose every parameter (CLS token, head and LayerNorms included) is random."""
+    net = create_model(config)
+    rng = np.random.default_rng(seed)
+    for name, p in net.parameters_and_names():
+        value = rng.normal(0.0, 0.2, size=p.shape)
+        if name.endswith("gamma"):
+            value += 1.0
+        p.set_data(ms.Tensor(value.astype(np.float32)))
+    return net
+
+
+def numpy_params(net):
+    return {name: p.asnumpy().copy() for name, p in net.parameters_and_names()}
+
+
+def assert_untouched(net, before):
+    after = numpy_params(net)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert np.array_equal(after[name], before[name]), f"{name} changed by a failed load"
+
+
+def save_ms(params: dict, path, append_dict=None):
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.ascontiguousarray(v))} for k, v in params.items()],
+                       str(path), append_dict=append_dict)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Our own checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+def test_own_checkpoint_with_optimizer_state_round_trips(tmp_path):
+    net = random_net(TINY)
+    params = numpy_params(net)
+    # What a training checkpoint carries beside the weights (nn.Adam, AdamWeightDecay, the loop).
+    state = {f"moment1.{k}": v * 0 + 1 for k, v in params.items()}
+    state.update({f"adam_m.{k}": v for k, v in list(params.items())[:3]})
+    state.update({"beta1_power": np.array([0.9], np.float32), "learning_rate": np.array(1e-3, np.float32),
+                  "global_step": np.array([7], np.int32)})
+    path = save_ms({**params, **state}, tmp_path / "ours.ckpt",
+                   append_dict={META_KEY: json.dumps(make_metadata(TINY, class_names=list("abcdefghij")))})
+
+    fresh = create_model(TINY)
+    report = load_weights(fresh, path)
+    assert report.source == "vit_ms"
+    assert sorted(report.loaded) == sorted(params)
+    assert set(report.dropped) == set(state) and set(report.dropped.values()) == {"optimizer / training state"}
+    assert report.metadata["class_names"] == list("abcdefghij")
+    np.testing.assert_array_equal(logits(fresh, images(TINY)), logits(net, images(TINY)))
+
+    loaded, meta = load_model(path)
+    assert loaded.config == TINY and meta["class_names"][0] == "a"
+    np.testing.assert_array_equal(logits(loaded, images(TINY)), logits(net, images(TINY)))
+
+
+@pytest.mark.parametrize("optimizer", [ms.nn.Adam, ms.nn.AdamWeightDecay, ms.nn.Momentum, ms.nn.SGD])
+def test_training_checkpoint_of_the_train_network_loads(tmp_path, optimizer):
+    # What train.py's last.ckpt holds: the whole TrainOneStepWithLossScaleCell, optimizer state included.
+    net = random_net(TINY, seed=6)
+    opt = optimizer(net.trainable_params(), 0.1, **({"momentum": 0.9} if optimizer is ms.nn.Momentum else {}))
+    loss = ms.nn.WithLossCell(net, ms.nn.SoftmaxCrossEntropyWithLogits(sparse=True))
+    cell = ms.nn.TrainOneStepWithLossScaleCell(loss, opt, ms.Tensor(1024.0))
+    path = save_checkpoint(cell, tmp_path / "last.ckpt", make_metadata(TINY, epoch=1))
+    loaded, _ = load_model(path)
+    np.testing.assert_array_equal(logits(loaded, images(TINY)), logits(net, images(TINY)))
+
+
+def test_save_checkpoint_is_read_back_by_load_model(tmp_path):
+    net = random_net(TINY, seed=3)
+    path = save_checkpoint(net, tmp_path / "sub" / "model.ckpt", make_metadata(TINY, epoch=4))
+    assert read_metadata(path)["epoch"] == 4
+    loaded, _ = load_model(path)
+    np.testing.assert_array_equal(logits(loaded, images(TINY)), logits(net, images(TINY)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tutorial's MindSpore checkpoint
+# ---------------------------------------------------------------------------------------------------
+
+def tutorial_names_for(depth):
+    """The tutorial's key list, with its layer-0 entries repeated for `depth` layers."""
+    keys = [name for name, _ in json.loads(TUTORIAL_KEYS.read_text())]
+    layer0 = [k for k in keys if k.startswith("transformer.layers.0.")]
+    others = [k for k in keys if not k.startswith("transformer.layers.")]
+    return others + [k.replace("layers.0.", f"layers.{i}.", 1) for i in range(depth) for k in layer0]
+
+
+# The tutorial's module tree (TUTORIAL.md): ResidualCell(cell=SequentialCell([LayerNorm, Attention]))
+# and ResidualCell(cell=SequentialCell([LayerNorm, FeedForward])) per layer.
+TUTORIAL_TO_OURS = {"cls": "cls_token", "pos_embedding": "pos_embed", "patch_embedding.conv.": "patch_embed.proj.",
+                    "norm.": "norm.", "dense.": "head.", "0.cell.0.": "norm1.", "0.cell.1.qkv.": "attn.qkv.",
+                    "0.cell.1.out.": "attn.proj.", "1.cell.0.": "norm2.", "1.cell.1.dense1.": "mlp.fc1.",
+                    "1.cell.1.dense2.": "mlp.fc2."}
+
+
+def ours_for_tutorial(name):
+    if name.startswith("transformer.layers."):
+        i, rest = name[len("transformer.layers."):].split(".", 1)
+        prefix = next(k for k in TUTORIAL_TO_OURS if rest.startswith(k))
+        return f"blocks.{i}." + TUTORIAL_TO_OURS[prefix] + rest[len(prefix):]
+    prefix = next(k for k in TUTORIAL_TO_OURS if name.startswith(k))
+    return TUTORIAL_TO_OURS[prefix] + name[len(prefix):]
+
+
+def test_tutorial_checkpoint_loads_with_identical_logits(tmp_path):
+    net = random_net(TINY_TUTORIAL)
+    params = numpy_params(net)
+    names = tutorial_names_for(TINY.depth)
+    assert len(names) == len(params)
+    path = save_ms({name: params[ours_for_tutorial(name)] for name in names}, tmp_path / "vit_b_16_224.ckpt")
+
+    fresh = create_model(TINY_TUTORIAL)
+    report = load_weights(fresh, path)
+    assert report.source == "tutorial" and len(report.loaded) == len(params) and not report.dropped
+    np.testing.assert_allclose(logits(fresh, images(TINY)), logits(net, images(TINY)), rtol=0, atol=1e-5)
+
+
+def test_real_tutorial_key_list_loads_into_the_tutorial_preset(tmp_path):
+    keys = json.loads(TUTORIAL_KEYS.read_text())
+    assert len(keys) == 152
+    rng = np.random.default_rng(0)
+    # Full size (346 MB): constant tensors with a random value each, so a mix-up of two names shows.
+    marks = {name: np.float32(rng.normal()) for name, _ in keys}
+    path = save_ms({name: np.full(shape, marks[name], np.float32) for name, shape in keys},
+                   tmp_path / "vit_b_16_224.ckpt", append_dict={"epoch_num": 10, "step_num": 1250})
+    net = create_model("tutorial")
+    report = load_weights(net, path)
+    assert report.source == "tutorial"
+    assert len(report.loaded) == 152 and not report.initialised and not report.resampled
+    assert set(report.dropped) == {"epoch_num", "step_num"}
+    loaded = dict(net.parameters_and_names())
+    for name, shape in keys:
+        value = loaded[ours_for_tutorial(name)].asnumpy()
+        assert value.shape == tuple(shape) and float(value.flat[0]) == marks[name], name
+
+
+# ---------------------------------------------------------------------------------------------------
+# timm and torchvision: PyTorch models with their exact parameter names
+# ---------------------------------------------------------------------------------------------------
+
+class TimmAttention(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.qkv = torch.nn.Linear(c.embed_dim, 3 * c.embed_dim)
+        self.proj = torch.nn.Linear(c.embed_dim, c.embed_dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+class TimmMlp(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(c.embed_dim, c.mlp_dim)
+        self.fc2 = torch.nn.Linear(c.mlp_dim, c.embed_dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TimmBlock(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.attn = TimmAttention(c)
+        self.norm2 = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.mlp = TimmMlp(c)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmPatchEmbed(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(c.in_channels, c.embed_dim, c.patch_size, c.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimmViT(torch.nn.Module):
+    """timm's VisionTransformer parameter names: cls_token, pos_embed, patch_embed.proj, blocks.{i}...."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.patch_embed = TimmPatchEmbed(c)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, c.num_patches + 1, c.embed_dim))
+        self.blocks = torch.nn.ModuleList(TimmBlock(c) for _ in range(c.depth))
+        self.norm = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.head = torch.nn.Linear(c.embed_dim, c.num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+class TorchvisionEncoderBlock(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.self_attention = torch.nn.MultiheadAttention(c.embed_dim, c.num_heads, batch_first=True)
+        self.ln_2 = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(c.embed_dim, c.mlp_dim), torch.nn.GELU(), torch.nn.Dropout(0.0),
+                                       torch.nn.Linear(c.mlp_dim, c.embed_dim), torch.nn.Dropout(0.0))
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.self_attention(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TorchvisionEncoder(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.pos_embedding = torch.nn.Parameter(torch.zeros(1, c.num_patches + 1, c.embed_dim))
+        self.layers = torch.nn.Sequential(collections.OrderedDict(
+            (f"encoder_layer_{i}", TorchvisionEncoderBlock(c)) for i in range(c.depth)))
+        self.ln = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
+
+    def forward(self, x):
+        return self.ln(self.layers(x + self.pos_embedding))
+
+
+class TorchvisionViT(torch.nn.Module):
+    """torchvision's VisionTransformer parameter names: class_token, conv_proj, encoder.*, heads.head."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv_proj = torch.nn.Conv2d(c.in_channels, c.embed_dim, c.patch_size, c.patch_size)
+        self.class_token = torch.nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.encoder = TorchvisionEncoder(c)
+        self.heads = torch.nn.Sequential(collections.OrderedDict(head=torch.nn.Linear(c.embed_dim, c.num_classes)))
+
+    def forward(self, x):
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.heads(self.encoder(x)[:, 0])
+
+
+def random_torch(cls, config, seed=0):
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.2)
+            if name.endswith("weight") and p.ndim == 1:  # LayerNorm scales near 1
+                p.add_(1.0)
+    return model
+
+
+def torch_logits(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def save_state_dict(model, path, rename=None):
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if rename:
+        sd = {rename(k): v for k, v in sd.items()}
+    if path.suffix == ".safetensors":
+        save_safetensors_torch(sd, str(path))
+    else:
+        torch.save(sd, str(path))
+    return path
+
+
+def old_torchvision_name(name):  # torchvision < 0.13 named the MLP's linears linear_1 / linear_2
+    return name.replace(".mlp.0.", ".mlp.linear_1.").replace(".mlp.3.", ".mlp.linear_2.")
+
+
+@pytest.mark.parametrize("scheme, suffix", [("timm", ".safetensors"), ("timm", ".pth"),
+                                            ("torchvision", ".safetensors"), ("torchvision", ".pth"),
+                                            ("torchvision_old", ".bin")])
+def test_pytorch_state_dicts_match_the_pytorch_model(tmp_path, scheme, suffix):
+    model = random_torch(TimmViT if scheme == "timm" else TorchvisionViT, TINY)
+    path = save_state_dict(model, tmp_path / f"weights{suffix}",
+                           rename=old_torchvision_name if scheme == "torchvision_old" else None)
+    net = create_model(TINY)
+    report = load_weights(net, path)
+    assert report.source == scheme.split("_")[0]
+    assert len(report.loaded) == len(dict(net.parameters_and_names())) and not report.dropped
+    x = images(TINY, n=3)
+    np.testing.assert_allclose(logits(net, x), torch_logits(model, x), rtol=0, atol=1e-5)
+
+
+def test_timm_weights_match_in_graph_mode(tmp_path):
+    ms.set_context(mode=ms.GRAPH_MODE)  # the autouse fixture restores the mode
+    model = random_torch(TimmViT, TINY, seed=5)
+    net = create_model(TINY)
+    load_weights(net, save_state_dict(model, tmp_path / "w.safetensors"), source="timm")
+    x = images(TINY)
+    np.testing.assert_allclose(logits(net, x), torch_logits(model, x), rtol=0, atol=1e-5)
+
+
+def test_safetensors_written_by_numpy_and_a_wrapped_pth_load(tmp_path):
+    model = random_torch(TimmViT, TINY, seed=2)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    save_safetensors_numpy(sd, str(tmp_path / "np.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3},
+               str(tmp_path / "train.pth"))  # a DDP training checkpoint
+    x = images(TINY)
+    for name in ("np.safetensors", "train.pth"):
+        net = create_model(TINY)
+        load_weights(net, tmp_path / name)
+        np.testing.assert_allclose(logits(net, x), torch_logits(model, x), rtol=0, atol=1e-5)
+
+
+def test_pth_is_loaded_without_unpickling_arbitrary_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"cls_token": torch.zeros(1), "x": Evil()}, str(path))
+    with pytest.raises(CheckpointError, match="refused to unpickle"):  # weights_only=True refuses it
+        load_weights(create_model(TINY), path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# JAX .npz (google-research/vision_transformer and big_vision), against a NumPy forward in JAX layout
+# ---------------------------------------------------------------------------------------------------
+
+def random_jax_params(c, variant, seed=0):
+    """Flax parameters in JAX layout: Dense kernels (in, out), q/k/v kernels (D, heads, head_dim)."""
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: rng.normal(0.0, 0.2, size=shape).astype(np.float32)
+    d, h, hd, p = c.embed_dim, c.num_heads, c.head_dim, c.patch_size
+    attn, ln2, mlp = ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") if variant == "vit_jax" \
+        else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+    params = {"cls": r(1, 1, d), "embedding/kernel": r(p, p, c.in_channels, d), "embedding/bias": r(d),
+              "Transformer/encoder_norm/scale": 1 + r(d), "Transformer/encoder_norm/bias": r(d),
+              "head/kernel": r(d, c.num_classes), "head/bias": r(c.num_classes)}
+    if variant == "vit_jax":  # added after the [cls] token is prepended: N + 1 rows
+        params["Transformer/posembed_input/pos_embedding"] = r(1, c.num_patches + 1, d)
+    else:  # big_vision adds it before prepending [cls]: N rows
+        params["pos_embedding"] = r(1, c.num_patches, d)
+    for i in range(c.depth):
+        b = f"Transformer/encoderblock_{i}/"
+        params.update({b + "LayerNorm_0/scale": 1 + r(d), b + "LayerNorm_0/bias": r(d),
+                       b + f"{ln2}/scale": 1 + r(d), b + f"{ln2}/bias": r(d),
+                       b + f"{attn}/out/kernel": r(h, hd, d), b + f"{attn}/out/bias": r(d),
+                       b + f"{mlp}/Dense_0/kernel": r(d, c.mlp_dim), b + f"{mlp}/Dense_0/bias": r(c.mlp_dim),
+                       b + f"{mlp}/Dense_1/kernel": r(c.mlp_dim, d), b + f"{mlp}/Dense_1/bias": r(d)})
+        for part in ("query", "key", "value"):
+            params[b + f"{attn}/{part}/kernel"] = r(d, h, hd)
+            params[b + f"{attn}/{part}/bias"] = r(h, hd)
+    return params
+
+
+def jax_forward(params, c, variant, x_nchw):
+    """The Flax ViT's forward pass written in NumPy on the JAX-layout arrays (float64)."""
+    g = {k: v.astype(np.float64) for k, v in params.items()}
+    attn, ln2, mlp = ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") if variant == "vit_jax" \
+        else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+
+    def ln(x, prefix):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-6) * g[prefix + "/scale"] + g[prefix + "/bias"]
+
+    def gelu(x):  # flax.linen.gelu(approximate=True)
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    x = x_nchw.astype(np.float64).transpose(0, 2, 3, 1)  # NHWC, as JAX convolves
+    n, s, p = x.shape[0], c.image_size, c.patch_size
+    gs = s // p
+    patches = x.reshape(n, gs, p, gs, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, gs * gs, p * p * 3)
+    x = patches @ g["embedding/kernel"].reshape(p * p * 3, -1) + g["embedding/bias"]  # VALID conv, HWIO
+    cls = np.broadcast_to(g["cls"], (n, 1, c.embed_dim))
+    if variant == "vit_jax":
+        x = np.concatenate([cls, x], 1) + g["Transformer/posembed_input/pos_embedding"]
+    else:
+        x = np.concatenate([cls, x + g["pos_embedding"]], 1)
+    for i in range(c.depth):
+        b = f"Transformer/encoderblock_{i}/"
+        y = ln(x, b + "LayerNorm_0")
+        q, k, v = (np.einsum("bnd,dhk->bnhk", y, g[b + f"{attn}/{t}/kernel"]) + g[b + f"{attn}/{t}/bias"]
+                   for t in ("query", "key", "value"))
+        w = np.einsum("bqhk,bnhk->bhqn", q / np.sqrt(c.head_dim), k)
+        w = np.exp(w - w.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        o = np.einsum("bhqn,bnhk->bqhk", w, v)
+        x = x + np.einsum("bqhk,hkd->bqd", o, g[b + f"{attn}/out/kernel"]) + g[b + f"{attn}/out/bias"]
+        y = ln(x, b + ln2)
+        y = gelu(y @ g[b + f"{mlp}/Dense_0/kernel"] + g[b + f"{mlp}/Dense_0/bias"])
+        x = x + y @ g[b + f"{mlp}/Dense_1/kernel"] + g[b + f"{mlp}/Dense_1/bias"]
+    x = ln(x, "Transformer/encoder_norm")
+    return x[:, 0] @ g["head/kernel"] + g["head/bias"]
+
+
+def scanned(params):
+    """big_vision with scan=True: one Transformer/encoderblock tree, blocks stacked on a leading axis."""
+    out = {k: v for k, v in params.items() if not k.startswith("Transformer/encoderblock_")}
+    rests = {k.split("/", 2)[2] for k in params if k.startswith("Transformer/encoderblock_")}
+    depth = 1 + max(int(k.split("/")[1].split("_")[1]) for k in params if k.startswith("Transformer/encoderblock_"))
+    for rest in rests:
+        out["Transformer/encoderblock/" + rest] = np.stack(
+            [params[f"Transformer/encoderblock_{i}/{rest}"] for i in range(depth)])
+    return out
+
+
+@pytest.mark.parametrize("variant", ["vit_jax", "big_vision", "big_vision_scan", "big_vision_train_state"])
+def test_jax_npz_matches_a_numpy_forward_in_jax_layout(tmp_path, variant):
+    base = "vit_jax" if variant == "vit_jax" else "big_vision"
+    params = random_jax_params(TINY_JAX, base)
+    stored = scanned(params) if variant == "big_vision_scan" else params
+    if variant == "big_vision_train_state":
+        stored = {**{f"params/{k}": v for k, v in params.items()}, "opt/step": np.array(100)}
+    np.savez(tmp_path / "vit.npz", **stored)
+    net = create_model(TINY_JAX)
+    report = load_weights(net, tmp_path / "vit.npz")
+    assert report.source == "jax" and len(report.loaded) == len(dict(net.parameters_and_names()))
+    assert set(report.dropped) == ({"opt/step"} if variant == "big_vision_train_state" else set())
+    x = images(TINY_JAX, n=3)
+    np.testing.assert_allclose(logits(net, x), jax_forward(params, TINY_JAX, base, x), rtol=0, atol=1e-5)
+
+
+def test_jax_pre_logits_and_the_head_on_top_are_dropped(tmp_path, caplog):
+    params = random_jax_params(TINY_JAX, "vit_jax")
+    params.update({"pre_logits/kernel": np.ones((64, 64), np.float32), "pre_logits/bias": np.ones(64, np.float32)})
+    np.savez(tmp_path / "i21k.npz", **params)
+    net = create_model(TINY_JAX)
+    with caplog.at_level(logging.WARNING, logger="vit_ms.checkpoint"):
+        report = load_weights(net, tmp_path / "i21k.npz")
+    assert set(report.dropped) == {"pre_logits/kernel", "pre_logits/bias", "head/kernel", "head/bias"}
+    assert report.initialised == ["head.weight", "head.bias"]
+    assert "pre-logits" in caplog.text and not net.head.weight.asnumpy().any()  # the zero-initialised head
+
+
+# ---------------------------------------------------------------------------------------------------
+# Allowed differences: head, position embedding
+# ---------------------------------------------------------------------------------------------------
+
+def test_head_with_another_class_count_is_dropped_with_a_warning(tmp_path, caplog):
+    model = random_torch(TimmViT, TINY)
+    path = save_state_dict(model, tmp_path / "in1k.safetensors")
+    net = create_model(dataclasses.replace(TINY, num_classes=5))
+    with caplog.at_level(logging.WARNING, logger="vit_ms.checkpoint"):
+        report = load_weights(net, path)
+    assert set(report.dropped) == {"head.weight", "head.bias"}
+    assert "head for 10 classes, the model has 5" in caplog.text
+    assert not net.head.weight.asnumpy().any() and not net.head.bias.asnumpy().any()
+    # Everything below the head is the PyTorch model's: compare the normed CLS features.
+    x = images(TINY)
+    with torch.no_grad():
+        t = model.patch_embed(torch.from_numpy(x))
+        t = torch.cat([model.cls_token.expand(2, -1, -1), t], 1) + model.pos_embed
+        for block in model.blocks:
+            t = block(t)
+        expected = model.norm(t)[:, 0].numpy()
+    net.set_train(False)
+    features = net.forward_features(ms.Tensor(x)).asnumpy()[:, 0]
+    np.testing.assert_allclose(features, expected, rtol=0, atol=1e-5)
+
+
+def test_headless_checkpoint_keeps_the_models_head(tmp_path, caplog):
+    model = random_torch(TimmViT, TINY)
+    sd = {k: v.numpy() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    save_safetensors_numpy(sd, str(tmp_path / "features.safetensors"))
+    net = create_model(TINY)
+    with caplog.at_level(logging.WARNING, logger="vit_ms.checkpoint"):
+        report = load_weights(net, tmp_path / "features.safetensors")
+    assert report.initialised == ["head.weight", "head.bias"] and "has no head.weight" in caplog.text
+    with pytest.raises(CheckpointError, match=r"missing head.weight: the model expects \(10, 64\)"):
+        load_weights(create_model(TINY), tmp_path / "features.safetensors", strict=True)
+
+
+@pytest.mark.parametrize("old, new", [(14, 24), (24, 14), ((3, 4), (5, 7)), (2, 2)])
+def test_resample_pos_embed_matches_torch_bilinear(old, new):
+    oh, ow = (old, old) if isinstance(old, int) else old
+    nh, nw = (new, new) if isinstance(new, int) else new
+    pos = np.random.default_rng(0).normal(size=(1, 1 + oh * ow, 8)).astype(np.float32)
+    out = resample_pos_embed(pos, new, old_grid=old)
+    assert out.shape == (1, 1 + nh * nw, 8) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 0], pos[:, 0])  # the CLS row is kept
+    grid = torch.from_numpy(pos[0, 1:].reshape(oh, ow, 8)).double().permute(2, 0, 1)[None]
+    expected = F.interpolate(grid, size=(nh, nw), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(out[0, 1:], expected[0].permute(1, 2, 0).reshape(-1, 8).numpy(), atol=1e-6)
+
+
+def test_pos_embed_is_resampled_from_224_to_384(tmp_path, caplog):
+    small = ViTConfig(image_size=224, patch_size=16, num_classes=10, embed_dim=32, depth=1, num_heads=2, mlp_dim=64)
+    net224 = random_net(small)
+    # A smooth position embedding, as trained ones are: a low-frequency pattern over the 14x14 grid.
+    yy, xx = np.meshgrid(np.linspace(0, 1, 14), np.linspace(0, 1, 14), indexing="ij")
+    waves = np.stack([np.sin(np.pi * (k % 3 + 1) * yy + k) * np.cos(np.pi * (k % 2 + 1) * xx) for k in range(32)], -1)
+    pos = np.concatenate([np.full((1, 1, 32), 0.3), waves.reshape(1, 196, 32)], 1).astype(np.float32)
+    net224.pos_embed.set_data(ms.Tensor(pos))
+    path = save_checkpoint(net224, tmp_path / "vit224.ckpt", make_metadata(small))
+
+    big = dataclasses.replace(small, image_size=384)
+    net384 = create_model(big)
+    with caplog.at_level(logging.INFO, logger="vit_ms.checkpoint"):
+        report = load_weights(net384, path)
+    assert report.resampled == {"pos_embed": ((14, 14), (24, 24))}
+    assert "from a 14x14 to a 24x24 patch grid" in caplog.text
+    new_pos = net384.pos_embed.asnumpy()
+    assert new_pos.shape == (1, 577, 32)
+    np.testing.assert_array_equal(new_pos[:, 0], pos[:, 0])
+
+    # Sensible: a smooth image shown at 224 and (bilinearly upsampled) at 384 gives close logits.
+    rng = np.random.default_rng(0)
+    coarse = torch.from_numpy(rng.normal(size=(4, 3, 4, 4)).astype(np.float32))
+    x224 = F.interpolate(coarse, size=(224, 224), mode="bilinear", align_corners=False).numpy()
+    x384 = F.interpolate(coarse, size=(384, 384), mode="bilinear", align_corners=False).numpy()
+    a, b = logits(net224, x224), logits(net384, x384)
+    assert np.isfinite(b).all()
+    # Measured: correlation >= 0.997, max difference <= 0.09 of the largest logit over three seeds; with
+    # a random (not resampled) 24x24 position embedding instead: correlation -0.13..0.94, 0.44..2.7.
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+    assert np.abs(a - b).max() < 0.2 * np.abs(a).max()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: one clear message, and the net untouched
+# ---------------------------------------------------------------------------------------------------
+
+def _ours(tmp_path, config, name, seed=7):
+    return save_checkpoint(random_net(config, seed), tmp_path / name, make_metadata(config))
+
+
+def _timm_with_extra(tmp_path):
+    sd = {k: v.numpy() for k, v in random_torch(TimmViT, TINY).state_dict().items()}
+    sd["blocks.0.ls1.gamma"] = np.ones(64, np.float32)  # LayerScale: a different architecture
+    save_safetensors_numpy(sd, str(tmp_path / "layerscale.safetensors"))
+    return tmp_path / "layerscale.safetensors"
+
+
+def _truncated(tmp_path, path):
+    data = path.read_bytes()
+    out = tmp_path / f"truncated{path.suffix}"
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def _npz(tmp_path, params):
+    np.savez(tmp_path / "f.npz", **params)
+    return tmp_path / "f.npz"
+
+
+def _garbage(tmp_path, suffix):
+    out = tmp_path / f"garbage{suffix}"
+    out.write_bytes(np.random.default_rng(0).bytes(4096))
+    return out
+
+
+ERROR_CASES = {
+    "deeper": (lambda t: _ours(t, dataclasses.replace(TINY, depth=3), "deep.ckpt"), {},
+               [r"unexpected blocks\.2\.norm1\.gamma \(64,\)", r"unexpected blocks\.2\.attn\.qkv\.weight \(192, 64\)",
+                "holds a model with depth=3; the model has depth=2"]),
+    "shallower": (lambda t: _ours(t, dataclasses.replace(TINY, depth=1), "shallow.ckpt"), {},
+                  [r"missing blocks\.1\.mlp\.fc2\.bias: the model expects \(64,\)", "depth=1"]),
+    "narrower": (lambda t: _ours(t, dataclasses.replace(TINY, embed_dim=32, num_heads=2), "narrow.ckpt"), {},
+                 [r"shape of blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\), model \(192, 64\)",
+                  r"shape of cls_token: checkpoint \(1, 1, 32\), model \(1, 1, 64\)", "embed_dim=32"]),
+    "other_mlp": (lambda t: _ours(t, dataclasses.replace(TINY, mlp_dim=96), "mlp.ckpt"), {},
+                  [r"shape of blocks\.1\.mlp\.fc1\.weight: checkpoint \(96, 64\), model \(128, 64\)"]),
+    "unknown_name": (_timm_with_extra, {}, [r"unknown name blocks\.0\.ls1\.gamma \(64,\)"]),
+    "wrong_source": (lambda t: save_state_dict(random_torch(TimmViT, TINY), t / "timm.safetensors"),
+                     {"source": "torchvision"}, [r"unknown name blocks\.0\.attn\.qkv\.weight \(192, 64\)"]),
+    "truncated_ckpt": (lambda t: _truncated(t, _ours(t, TINY, "full.ckpt")), {}, ["truncated or corrupt"]),
+    "truncated_safetensors": (lambda t: _truncated(t, save_state_dict(random_torch(TimmViT, TINY),
+                                                                      t / "f.safetensors")), {},
+                              ["truncated or corrupt"]),
+    "truncated_pth": (lambda t: _truncated(t, save_state_dict(random_torch(TimmViT, TINY), t / "f.pth")), {},
+                      ["truncated or corrupt"]),
+    "truncated_npz": (lambda t: _truncated(t, _npz(t, random_jax_params(TINY_JAX, "vit_jax"))), {},
+                      ["truncated or corrupt"]),
+    "garbage_ckpt": (lambda t: _garbage(t, ".ckpt"), {}, ["truncated or corrupt"]),
+    "garbage_safetensors": (lambda t: _garbage(t, ".safetensors"), {}, ["truncated or corrupt"]),
+    "unknown_suffix": (lambda t: _garbage(t, ".h5"), {}, [r"unknown weights file type '\.h5'"]),
+    "strict_head": (lambda t: _ours(t, dataclasses.replace(TINY, num_classes=3), "c3.ckpt"), {"strict": True},
+                    [r"shape of head\.weight: checkpoint \(3, 64\), model \(10, 64\)"]),
+    "strict_pos_embed": (lambda t: _ours(t, dataclasses.replace(TINY, image_size=48), "i48.ckpt"), {"strict": True},
+                         [r"shape of pos_embed: checkpoint \(1, 37, 64\), model \(1, 17, 64\)"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_bad_checkpoint_raises_one_clear_error_and_leaves_the_net_untouched(tmp_path, case):
+    make, kwargs, patterns = ERROR_CASES[case]
+    path = make(tmp_path)
+    net = random_net(TINY, seed=11)
+    before = numpy_params(net)
+    with pytest.raises(CheckpointError) as error:
+        load_weights(net, path, **kwargs)
+    for pattern in patterns:
+        assert error.match(pattern), f"{pattern!r} not in:\n{error.value}"
+    assert str(path) in str(error.value)
+    assert_untouched(net, before)
+
+
+def test_a_mismatch_after_valid_tensors_still_assigns_nothing(tmp_path):
+    # Every tensor but the last block's fc2 fits: MindSpore's load_param_into_net would have loaded
+    # the others before raising; load_weights must not.
+    good = numpy_params(random_net(TINY, seed=4))
+    good["blocks.1.mlp.fc2.weight"] = np.zeros((64, 100), np.float32)
+    path = save_ms(good, tmp_path / "almost.ckpt")
+    net = random_net(TINY, seed=12)
+    before = numpy_params(net)
+    with pytest.raises(CheckpointError, match="1 problem"):
+        load_weights(net, path)
+    assert_untouched(net, before)
+
+
+def test_load_model_validates_weights_against_metadata(tmp_path):
+    deep = random_net(dataclasses.replace(TINY, depth=3))
+    path = save_checkpoint(deep, tmp_path / "lying.ckpt", make_metadata(TINY))  # metadata says depth 2
+    with pytest.raises(CheckpointError, match=r"unexpected blocks\.2\."):
+        load_model(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_weights(create_model(TINY), tmp_path / "nope.ckpt")
+    plain = save_ms(numpy_params(random_net(TINY)), tmp_path / "plain.ckpt")
+    with pytest.raises(CheckpointError, match="has no vit_ms metadata.*convert.py"):
+        load_model(plain)
+
+
+def test_detect_source_and_convert_and_infer_config():
+    assert detect_source(["cls", "pos_embedding", "transformer.layers.0.0.cell.0.gamma"]) == "tutorial"
+    assert detect_source(["cls_token", "patch_embed.proj.weight", "blocks.0.norm1.weight"]) == "timm"
+    assert detect_source(["cls_token", "patch_embed.proj.weight", "blocks.0.norm1.gamma"]) == "vit_ms"
+    assert detect_source(["class_token", "conv_proj.weight"]) == "torchvision"
+    assert detect_source(["params/embedding/kernel", "params/cls"]) == "jax"
+    with pytest.raises(CheckpointError, match="cannot tell the naming scheme"):
+        detect_source(["fc.weight", "conv1.weight"])
+    with pytest.raises(CheckpointError, match=r"unknown name fc\.weight \(2, 2\)"):
+        convert({"fc.weight": np.zeros((2, 2))}, "timm")
+    with pytest.raises(CheckpointError, match="unknown source 'keras'"):
+        convert({}, "keras")
+    ours = convert({k: v.numpy() for k, v in TimmViT(TINY).state_dict().items()}, "timm")
+    fields = infer_config(ours)
+    assert fields == {"embed_dim": 64, "in_channels": 3, "patch_size": 8, "depth": 2, "mlp_dim": 128,
+                      "image_size": 32, "num_classes": 10}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Named pretrained checkpoint: download into the cache, offline error
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A loopback HTTP server over a folder; yields (folder, base URL)."""
+    root = tmp_path / "server"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/vision/classification"
+    server.shutdown()
+    server.server_close()
+
+
+def test_named_pretrained_is_downloaded_once_into_the_cache(tmp_path, http_root):
+    root, base_url = http_root
+    payload = np.random.default_rng(0).bytes(300_000)
+    (root / "vision" / "classification").mkdir(parents=True)
+    (root / "vision" / "classification" / "vit_b_16_224.ckpt").write_bytes(payload)
+    cache = tmp_path / "cache"
+    path = resolve_pretrained("vit_b_16_224", cache_dir=cache, base_url=base_url)
+    assert path == cache / "vit_b_16_224.ckpt" and path.read_bytes() == payload
+    (root / "vision" / "classification" / "vit_b_16_224.ckpt").unlink()  # the cache needs no server
+    assert resolve_pretrained("vit_b_16_224", cache_dir=cache, base_url=base_url) == path
+    assert resolve_pretrained(str(path)) == path  # a path is returned as is
+
+
+@pytest.mark.parametrize("why", ["refused", "not_found"])
+def test_failed_download_says_where_to_put_the_file(tmp_path, http_root, why):
+    _, base_url = http_root
+    if why == "refused":
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            base_url = f"http://127.0.0.1:{s.getsockname()[1]}/x"
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError) as error:
+        resolve_pretrained("vit_b_16_224", cache_dir=cache, base_url=base_url)
+    message = str(error.value)
+    assert f"{base_url}/vit_b_16_224.ckpt" in message
+    assert f"put it at {cache / 'vit_b_16_224.ckpt'}" in message
+    assert not (cache / "vit_b_16_224.ckpt").exists()
+
+
+def test_pretrained_names_and_cache_dir(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="neither a file nor a named pretrained checkpoint.*vit_b_16_224"):
+        resolve_pretrained("vit_z_99")
+    monkeypatch.setenv("VIT_MS_HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home"
+    monkeypatch.delenv("VIT_MS_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "vit_ms"
+
+
+# ---------------------------------------------------------------------------------------------------
+# convert.py as a user runs it
+# ---------------------------------------------------------------------------------------------------
+
+def run_convert(tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GLOG_v": "3"}
+    return subprocess.run([sys.executable, str(REPO / "convert.py"), *map(str, args)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_convert_cli_help(tmp_path):
+    result = run_convert(tmp_path, "--help")
+    assert result.returncode == 0
+    for flag in ("--source", "--model", "--num_classes", "--image_size", "--num_heads", "--mean", "--std"):
+        assert flag in result.stdout
+    assert "{" + ",".join(("auto",) + SOURCES) + "}" in result.stdout  # convert.py spells SOURCES out
+
+
+def test_convert_cli_timm_to_a_checkpoint_load_model_reads(tmp_path):
+    model = random_torch(TimmViT, TINY, seed=9)
+    src = save_state_dict(model, tmp_path / "timm_tiny.safetensors")
+    result = run_convert(tmp_path, src, tmp_path / "out" / "tiny.ckpt", "--num_heads", "4")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "timm names" in result.stdout
+    net, meta = load_model(tmp_path / "out" / "tiny.ckpt")
+    assert net.config == TINY  # shapes from the weights, heads from the flag, PyTorch numerics
+    assert meta["source"] == "timm" and meta["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    x = images(TINY)
+    np.testing.assert_allclose(logits(net, x), torch_logits(model, x), rtol=0, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "timm_tiny.safetensors"]  # nothing else written
+
+
+
+def test_convert_cli_reports_a_bad_file_without_a_traceback(tmp_path, caplog):
+    # In-process (the subprocess tests above cover the real command line).
+    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "convert.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with caplog.at_level(logging.ERROR):
+        assert cli.main([str(_garbage(tmp_path, ".ckpt")), str(tmp_path / "bad.ckpt")]) == 1
+        assert cli.main([str(tmp_path / "missing.npz"), str(tmp_path / "bad.ckpt")]) == 1
+    assert "truncated or corrupt" in caplog.text and "missing.npz is neither a file" in caplog.text
+    assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_convert_cli_tutorial_names_new_classes_and_image_size(tmp_path):
+    net = random_net(TINY_TUTORIAL)
+    params = numpy_params(net)
+    src = save_ms({name: params[ours_for_tutorial(name)] for name in tutorial_names_for(2)}, tmp_path / "tut.ckpt")
+    result = run_convert(tmp_path, src, tmp_path / "tut5.ckpt", "--num_heads", "4", "--num_classes", "5",
+                         "--image_size", "48")
+    assert result.returncode == 0, result.stderr
+    converted, meta = load_model(tmp_path / "tut5.ckpt")
+    assert converted.config == dataclasses.replace(TINY_TUTORIAL, num_classes=5, image_size=48)
+    assert meta["preprocess"]["image_size"] == 48
+    loaded = numpy_params(converted)
+    np.testing.assert_array_equal(loaded["blocks.1.attn.qkv.weight"], params["blocks.1.attn.qkv.weight"])
+    np.testing.assert_array_equal(loaded["pos_embed"], resample_pos_embed(params["pos_embed"], 6))
+    assert not loaded["head.weight"].any()
+    assert "head for 10 classes" in result.stderr and "4x4 to a 6x6" in result.stderr

@@ -1,0 +1,130 @@
+"""infer.py as a user runs it: a folder mixing good, odd and broken images; MINDIR and checkpoint agree;
+annotated images, attention maps and predictions.json are written."""
+import json
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiny_classifier import CLASS_NAMES, random_image, run_cli, write_checkpoint
+from vit_ms import Preprocess, data
+from vit_ms.checkpoint import load_model
+from vit_ms.evaluate import find_images, readable_class_names, softmax
+
+GOOD = ["cat's photo.png", "dog 2.jpg", "sub dir/bird's nest.jpeg", "gray scale.jpg", "cmyk 'print'.jpg",
+        "UPPER.PNG"]
+BROKEN = "broken.jpg"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A checkpoint, its exported MINDIR (via export.py), and a folder of images good and bad."""
+    root = tmp_path_factory.mktemp("infer")
+    rng = np.random.default_rng(0)
+    images = root / "my images"
+    (images / "sub dir").mkdir(parents=True)
+    for name in GOOD:
+        image = random_image(rng, size=(int(rng.integers(33, 60)), int(rng.integers(33, 60))))
+        if name.startswith("gray"):
+            image = image.convert("L")
+        elif name.startswith("cmyk"):
+            image = image.convert("CMYK")
+        image.save(images / name)
+    (images / BROKEN).write_bytes(b"this is not a JPEG file\n" * 20)
+    (images / "notes.txt").write_text("not an image; folders yield image extensions only")
+    ckpt = write_checkpoint(root / "tiny.ckpt")
+    run = run_cli("export.py", "--checkpoint", ckpt, "--output", root / "tiny.mindir", cwd=root)
+    assert run.returncode == 0, run.stderr
+    assert "max |logit difference| 0" in run.stdout
+    return root
+
+
+@pytest.fixture(scope="module")
+def from_checkpoint(workdir):
+    """infer.py --checkpoint on the mixed folder with annotated output and attention maps."""
+    run = run_cli("infer.py", "--checkpoint", workdir / "tiny.ckpt", "--input", workdir / "my images",
+                  "--top_k", 3, "--json", "--attention", "--output_dir", workdir / "out", cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_fixture_images_have_the_modes_we_mean(workdir):
+    with Image.open(workdir / "my images" / "gray scale.jpg") as im:
+        assert im.mode == "L"
+    with Image.open(workdir / "my images" / "cmyk 'print'.jpg") as im:
+        assert im.mode == "CMYK"
+
+
+def test_one_prediction_per_good_image_and_the_broken_one_reported(workdir, from_checkpoint):
+    folder = workdir / "my images"
+    assert sorted(p["path"] for p in from_checkpoint["predictions"]) == sorted(str(folder / n) for n in GOOD)
+    assert [s["path"] for s in from_checkpoint["skipped"]] == [str(folder / BROKEN)]
+    assert from_checkpoint["skipped"][0]["reason"]  # says why, e.g. "UnidentifiedImageError: cannot identify"
+    assert from_checkpoint["model"] == str(workdir / "tiny.ckpt")
+
+
+def test_probabilities_are_the_networks_softmax_top_k(workdir, from_checkpoint):
+    net, meta = load_model(workdir / "tiny.ckpt")
+    net.set_train(False)
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    for record in from_checkpoint["predictions"]:
+        image = data.preprocess_image(data.load_image(record["path"]), preprocess)
+        probs = softmax(net(ms.Tensor(image[None])).asnumpy())[0]
+        expected = np.argsort(-probs)[:3]
+        assert [t["index"] for t in record["top_k"]] == expected.tolist()
+        assert [t["name"] for t in record["top_k"]] == [CLASS_NAMES[i] for i in expected]
+        np.testing.assert_allclose([t["probability"] for t in record["top_k"]], probs[expected], atol=1e-6)
+
+
+def test_annotated_images_attention_maps_and_predictions_json_are_written(workdir, from_checkpoint):
+    out = workdir / "out"
+    saved = json.loads((out / "predictions.json").read_text())
+    assert saved == from_checkpoint
+    written = []
+    for record in saved["predictions"]:
+        for key in ("annotated", "attention"):
+            with Image.open(record[key]) as im:
+                assert im.format == "PNG" and im.mode == "RGB" and min(im.size) >= 320
+            written.append(Path(record[key]).name)
+    assert len(set(written)) == 2 * len(GOOD)  # no file overwrote another
+    assert sorted(p.name for p in out.iterdir()) == sorted(written + ["predictions.json"])
+
+
+def test_mindir_and_checkpoint_agree_on_every_image(workdir, from_checkpoint):
+    run = run_cli("infer.py", "--mindir", workdir / "tiny.mindir", "--input", workdir / "my images",
+                  workdir / "missing.png", "--top_k", 3, "--json", cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    from_mindir = json.loads(run.stdout)
+    assert len(from_mindir["predictions"]) == len(GOOD)
+    by_path = {p["path"]: p["top_k"] for p in from_checkpoint["predictions"]}
+    for record in from_mindir["predictions"]:
+        expected = by_path[record["path"]]
+        assert [t["index"] for t in record["top_k"]] == [t["index"] for t in expected]
+        assert [t["name"] for t in record["top_k"]] == [t["name"] for t in expected]
+        # The MINDIR holds the plain computation, the checkpoint runs the fast CPU path: float32 rounding.
+        np.testing.assert_allclose([t["probability"] for t in record["top_k"]],
+                                   [t["probability"] for t in expected], rtol=0, atol=1e-5)
+    assert from_mindir["skipped"] == [{"path": str(workdir / "missing.png"),
+                                       "reason": "no such file, folder or matching pattern"}] + from_checkpoint["skipped"]
+
+
+def test_find_images_expands_files_folders_and_globs(tmp_path):
+    for name in ("a.jpg", "b.PNG", "c.txt", "deep/er/d.jpeg", "x[1].png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    paths, missing = find_images([str(tmp_path / "*.jpg"), str(tmp_path / "deep"), str(tmp_path / "c.txt"),
+                                  str(tmp_path / "x[1].png"), str(tmp_path / "a.jpg"), str(tmp_path / "none*")])
+    assert paths == [tmp_path / "a.jpg", tmp_path / "deep/er/d.jpeg", tmp_path / "c.txt", tmp_path / "x[1].png"]
+    assert missing == [(str(tmp_path / "none*"), "no such file, folder or matching pattern")]
+    everything, _ = find_images([str(tmp_path)])  # a folder: image extensions only, any case, recursive
+    assert [p.name for p in everything] == ["a.jpg", "b.PNG", "d.jpeg", "x[1].png"]
+
+
+def test_imagenet_models_get_readable_names():
+    names = readable_class_names(None, 1000)
+    assert len(names) == 1000 and names[236] == "Doberman" and names[0] == "tench"
+    assert readable_class_names(["n02107142", "n01440764"], 2) == ["Doberman", "tench"]  # tutorial wnid folders
+    assert readable_class_names(["cat", "n01440764"], 2) == ["cat", "n01440764"]
+    assert readable_class_names(None, 3) == ["0", "1", "2"]

@@ -1,0 +1,216 @@
+"""Training: recipes and settings, the learning-rate schedules against hand computation, optimizer groups,
+the smoothed loss, and short real runs (loss goes down, files written, NaN stops the run)."""
+import dataclasses
+import json
+import math
+import shutil
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+from PIL import Image
+
+from vit_ms import create_model
+from vit_ms.checkpoint import load_model, read_metadata
+from vit_ms.config import RECIPES, TrainConfig, get_train_config
+from vit_ms.training import (CrossEntropySmooth, TrainingDiverged, build_optimizer, lr_schedule, param_groups,
+                             read_metrics, resolve_train_config, train)
+
+# A model that compiles in seconds: 16-pixel images, 2x2 patches of 8, width 32, one block.
+TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+TINY = dict(image_size=16, model_overrides=TINY_MODEL, batch_size=8, warmup_epochs=0, lr=3e-3,
+            num_workers=1, progress_bar=False)
+
+
+def make_image_folder(root, per_class=(16, 4), colours=((220, 40, 40), (40, 200, 40), (40, 40, 220)), seed=0):
+    """ROOT/{train,val}/class_<i>/*.png: noisy 16x16 images whose colour gives the class away."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "val"), per_class):
+        for c, colour in enumerate(colours):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.integers(-40, 41, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------------------
+
+def test_tutorial_recipe_is_the_tutorials_fine_tuning():
+    cfg = resolve_train_config("tutorial")  # resolving settings downloads nothing
+    assert (cfg.model, cfg.pretrained, cfg.dataset, cfg.image_size) == ("tutorial", "vit_b_16_224",
+                                                                         "imagenet_subset", 224)
+    assert (cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.beta1) == (10, 16, "adam", 0.9)
+    assert (cfg.lr, cfg.min_lr, cfg.lr_schedule, cfg.label_smoothing) == (5e-5, 0.0, "cosine_epoch", 0.1)
+    assert (cfg.weight_decay, cfg.drop_path_rate, cfg.model_overrides) == (0.0, 0.0, {})
+    assert cfg.amp_level == "auto" and cfg.followups
+    # nn.cosine_decay_lr(min_lr=0, max_lr=5e-5, total_step=10*125, step_per_epoch=125, decay_epoch=10),
+    # written out by hand: constant within an epoch, 5e-5 * (1 + cos(pi * epoch / 10)) / 2.
+    lr = lr_schedule(cfg, steps_per_epoch=125)
+    assert len(lr) == 1250
+    for step in (0, 124, 125, 600, 1249):
+        assert lr[step] == pytest.approx(0.5 * 5e-5 * (1 + math.cos(math.pi * (step // 125) / 10)), rel=1e-6)
+    assert lr[0] == pytest.approx(5e-5) and lr[-1] == pytest.approx(5e-5 * (1 + math.cos(0.9 * math.pi)) / 2)
+
+
+def test_tutorial_optimizer_is_adam_with_beta1_09():
+    cfg = get_train_config("tutorial", epochs=2)
+    net = create_model("vit_ti_16", num_classes=4, **TINY_MODEL, image_size=16)
+    opt = build_optimizer(net, cfg, lr_schedule(cfg, 3))
+    assert type(opt) is nn.Adam
+    assert float(opt.beta1.asnumpy()) == pytest.approx(0.9) and float(opt.beta2.asnumpy()) == pytest.approx(0.999)
+    assert np.allclose(opt.learning_rate.learning_rate.asnumpy(), [5e-5] * 3 + [2.5e-5] * 3)  # cos(pi / 2) = 0
+
+
+def test_scratch_recipe_is_the_default_and_uses_adamw_with_groups():
+    cfg = resolve_train_config()
+    assert cfg == RECIPES["scratch"] and cfg.dataset == "sample" and cfg.optimizer == "adamw"
+    assert cfg.lr_schedule == "warmup_cosine" and cfg.warmup_epochs > 0
+    assert cfg.label_smoothing > 0 and cfg.drop_path_rate > 0
+    net = create_model("vit_ti_16", num_classes=4, **TINY_MODEL, image_size=16)
+    assert type(build_optimizer(net, cfg, [1e-3] * 4)) is nn.AdamWeightDecay
+
+
+def test_unknown_keys_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown TrainConfig field.*'epoch'"):
+        get_train_config("scratch", epoch=3)
+    with pytest.raises(ValueError, match="unknown TrainConfig field.*'lr_max'"):
+        resolve_train_config("tutorial", lr_max=1.0)
+    with pytest.raises(ValueError, match="unknown TrainConfig field.*'batchsize'"):
+        TrainConfig.from_dict({"batchsize": 8})
+    file = tmp_path / "settings.json"
+    file.write_text(json.dumps({"epochs": 2, "optimiser": "sgd"}))
+    with pytest.raises(ValueError, match="'optimiser'"):
+        resolve_train_config("scratch", config_file=file)
+    with pytest.raises(ValueError, match="model_overrides has unknown.*'layers'"):
+        get_train_config("scratch", model_overrides={"layers": 3})
+    with pytest.raises(ValueError, match="unknown recipe 'finetune'"):
+        resolve_train_config("finetune")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        get_train_config("scratch", optimizer="sgd")
+
+
+def test_layers_override_in_order(tmp_path):
+    file = tmp_path / "settings.json"
+    file.write_text(json.dumps({"epochs": 4, "lr": 1e-4}))
+    cfg = resolve_train_config("tutorial", config_file=file, lr=2e-4, batch_size=8)
+    assert (cfg.recipe, cfg.epochs, cfg.lr, cfg.batch_size, cfg.optimizer) == ("tutorial", 4, 2e-4, 8, "adam")
+    # model_overrides merge into the recipe's; another model drops them and takes its own image size.
+    merged = resolve_train_config("scratch", model_overrides={"depth": 2})
+    assert merged.model_overrides == {**RECIPES["scratch"].model_overrides, "depth": 2}
+    other = resolve_train_config("scratch", model="vit_s_16")
+    assert other.model_overrides == {} and other.image_size == 224
+    # Resuming takes the run's saved config.json; flags still override it.
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = get_train_config("scratch", epochs=7, lr=5e-4, output_dir=str(out))
+    (out / "config.json").write_text(json.dumps(saved.to_dict()))
+    resumed = resolve_train_config(None, resume=True, output_dir=str(out), epochs=9)
+    assert resumed == dataclasses.replace(saved, epochs=9, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule, groups, loss
+# ---------------------------------------------------------------------------------------------------------
+
+def test_warmup_cosine_schedule_against_hand_computation():
+    cfg = get_train_config("scratch", lr=1e-3, min_lr=1e-5, epochs=4, warmup_epochs=1)
+    lr = np.array(lr_schedule(cfg, steps_per_epoch=3))
+    # Warmup: 1/3, 2/3, 3/3 of the peak; then 9 cosine steps at t = 0/9 .. 8/9 of the half period.
+    expected = [1e-3 / 3, 2e-3 / 3, 1e-3] + [1e-5 + (1e-3 - 1e-5) * (1 + np.cos(np.pi * t / 9)) / 2
+                                             for t in range(9)]
+    np.testing.assert_allclose(lr, expected, rtol=1e-12)
+    assert lr[3] == pytest.approx(1e-3) and lr.min() > 1e-5 and np.all(np.diff(lr[3:]) < 0)
+
+
+def test_cosine_epoch_schedule_matches_mindspore():
+    cfg = get_train_config("tutorial", lr=1e-3, min_lr=1e-4, epochs=3)
+    np.testing.assert_allclose(lr_schedule(cfg, 4), nn.cosine_decay_lr(1e-4, 1e-3, 12, 4, 3), rtol=1e-12)
+    assert lr_schedule(cfg, 4)[4:8] == [pytest.approx(1e-4 + 0.9e-3 * 0.75)] * 4  # cos(pi/3) = 1/2
+
+
+def test_param_groups_exempt_norms_biases_and_embeddings():
+    net = create_model("vit_ti_16", num_classes=4, image_size=16, **TINY_MODEL)
+    decay, no_decay, order = param_groups(net, 0.05)
+    decay_names = {p.name for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decay_names == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                           "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "head.weight"}
+    no_decay_names = {p.name for p in no_decay["params"]}
+    assert {"cls_token", "pos_embed", "norm.gamma", "norm.beta", "head.bias", "blocks.0.norm1.gamma"} <= no_decay_names
+    assert len(decay_names) + len(no_decay_names) == len(order["order_params"]) == len(net.trainable_params())
+
+
+def test_smoothed_cross_entropy_against_numpy(rng):
+    logits = rng.normal(size=(5, 4)).astype(np.float32)
+    labels = np.array([0, 3, 1, 1, 2], np.int32)
+    loss = CrossEntropySmooth(4, 0.1)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    target = np.full((5, 4), 0.1 / 3)
+    target[np.arange(5), labels] = 0.9
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    assert loss == pytest.approx(-(target * log_softmax).sum(axis=1).mean(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real runs
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Three epochs of a tiny ViT on a tiny colour dataset, in graph mode: (config, result)."""
+    root = make_image_folder(tmp_path_factory.mktemp("data"))
+    cfg = get_train_config("scratch", data_path=str(root), output_dir=str(tmp_path_factory.mktemp("run")),
+                           epochs=3, **TINY)
+    return cfg, train(cfg)
+
+
+def test_training_learns_and_writes_every_output(tiny_run):
+    cfg, result = tiny_run
+    out = result.output_dir
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert {"epoch", "loss", "top1", "top5", "lr", "val_loss", "time", "step"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["top1"] == 1.0 and result.best_top1 == 1.0  # three colours, one per class
+    steps = records[0]["step"]
+    assert steps == 48 // 8 and [r["step"] for r in records] == [steps, 2 * steps, 3 * steps]
+    lr = lr_schedule(cfg, steps)
+    assert [r["lr"] for r in records] == [pytest.approx(lr[r["step"] - 1]) for r in records]
+    assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    assert (out / "curves.png").stat().st_size > 1000 and "epoch 3/3" in (out / "train.log").read_text()
+
+    meta = read_metadata(out / "last.ckpt")
+    assert meta["epoch"] == 3 and meta["class_names"] == ["class_0", "class_1", "class_2"]
+    assert meta["preprocess"]["image_size"] == 16 and meta["model"]["embed_dim"] == 32
+    assert meta["train_config"] == cfg.to_dict()
+    last = ms.load_checkpoint(str(out / "last.ckpt"))
+    assert {"global_step", "adam_m.cls_token", "adam_v.head.weight"} <= set(last)
+    assert int(last["global_step"].asnumpy()[0]) == 3 * steps
+    # best.ckpt is self-describing: load_model rebuilds the net and it classifies the colours.
+    net, best_meta = load_model(out / "best.ckpt")
+    assert best_meta["epoch"] == records.index(max(records, key=lambda r: r["top1"])) + 1
+    net.set_train(False)
+    image = np.zeros((1, 3, 16, 16), np.float32)
+    image[0, 2] = (220 - 0.406 * 255) / (0.225 * 255)  # blue channel high, red and green low: class 2
+    image[0, 0] = (40 - 0.485 * 255) / (0.229 * 255)
+    image[0, 1] = (40 - 0.456 * 255) / (0.224 * 255)
+    assert int(net(ms.Tensor(image)).asnumpy().argmax()) == 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
+    cfg, result = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(result.output_dir, out)
+    before = {name: (out / name).read_bytes() for name in ("last.ckpt", "best.ckpt", "metrics.jsonl")}
+    # An absurd learning rate blows the weights up within a step or two of epoch 4.
+    cfg = dataclasses.replace(cfg, output_dir=str(out), resume=True, epochs=5, lr=1e30, min_lr=0.0)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*epoch 4.*last good checkpoint is "
+                                               r".*last.ckpt \(epoch 3\)"):
+        train(cfg)
+    for name, content in before.items():
+        assert (out / name).read_bytes() == content, f"{name} changed after the NaN"
+    assert "training stopped" in (out / "train.log").read_text()

@@ -1,0 +1,129 @@
+"""Train a Vision Transformer with MindSpore's Model.fit.
+
+    python train.py                                   # tiny ViT, embedded sample set, offline, CPU
+    python train.py --recipe tutorial --device_target Ascend     # the MindSpore tutorial end to end
+    python train.py --resume --output_dir outputs/train          # continue from last.ckpt
+    msrun --worker_num=8 --local_worker_num=8 --master_port=8118 --log_dir=msrun_log \\
+        train.py --distributed --recipe tutorial --device_target Ascend
+
+A recipe (vit_ms.config.RECIPES) supplies every setting; flags given here override it. See README.md.
+"""
+import argparse
+import json
+import logging
+import sys
+
+BOOL = argparse.BooleanOptionalAction
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Every flag defaults to "not given" (SUPPRESS), so only the flags a user types override the recipe.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    add = parser.add_argument
+    add("--recipe", help="named settings to start from: 'scratch' (default: a small ViT from scratch on the "
+                         "sample set) or 'tutorial' (the MindSpore tutorial's fine-tuning, then eval/infer/export)")
+    add("--config", dest="config_file", metavar="JSON",
+        help="a JSON object of TrainConfig fields applied over the recipe (unknown keys are an error)")
+    add("--dry_run", action="store_true", help="print the resolved settings as JSON and exit")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=["sample", "imagenet_subset"],
+                       help="'sample': the embedded offline set (generated on first use); 'imagenet_subset': the "
+                            "tutorial's ImageNet subset (downloaded on first use)")
+    group.add_argument("--data_path", help="an ImageFolder root holding train/<class>/ and val/<class>/ "
+                                           "(overrides --dataset's location)")
+    group.add_argument("--augment", action=BOOL, help="random-resized-crop + flip on train images")
+    group.add_argument("--crop_min_scale", type=float, help="smallest area fraction of the random training crop")
+    group.add_argument("--num_workers", type=int, help="parallel decode workers per pipeline")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="a preset of vit_ms.PRESETS, e.g. vit_b_16 or tutorial (drops the "
+                                       "recipe's --model_override values and takes the preset's image size)")
+    group.add_argument("--image_size", type=int, help="input side in pixels")
+    group.add_argument("--model_override", dest="model_overrides", action="append", metavar="FIELD=VALUE",
+                       help="a ViTConfig field replacing the preset's, e.g. depth=6 (repeatable)")
+    group.add_argument("--drop_path_rate", type=float, help="stochastic depth at the last block")
+    group.add_argument("--pretrained", help="initial weights: a checkpoint file (ours, the tutorial's, timm, "
+                                            "torchvision, JAX) or a name such as vit_b_16_224 (downloaded)")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, help="passes over the train split")
+    group.add_argument("--batch_size", type=int, help="images per step on each device")
+    group.add_argument("--optimizer", choices=["adam", "adamw"],
+                       help="'adam': nn.Adam (the tutorial's); 'adamw': nn.AdamWeightDecay without decay on "
+                            "norms, biases, cls_token and pos_embed")
+    group.add_argument("--lr", type=float, help="peak learning rate")
+    group.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine")
+    group.add_argument("--lr_schedule", choices=["cosine_epoch", "warmup_cosine"],
+                       help="'cosine_epoch': nn.cosine_decay_lr, one value per epoch (the tutorial's); "
+                            "'warmup_cosine': linear warmup, then a per-step cosine")
+    group.add_argument("--warmup_epochs", type=int, help="epochs of linear warmup (warmup_cosine)")
+    group.add_argument("--beta1", type=float, help="Adam first-moment decay")
+    group.add_argument("--beta2", type=float, help="Adam second-moment decay")
+    group.add_argument("--eps", type=float, help="Adam epsilon")
+    group.add_argument("--weight_decay", type=float, help="weight decay (AdamW: decoupled, matrices only)")
+    group.add_argument("--label_smoothing", type=float, help="target on = 1 - s, off = s / (classes - 1)")
+
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device_target", choices=["CPU", "GPU", "Ascend"], help="the device to train on")
+    group.add_argument("--mode", choices=["graph", "pynative"], help="graph (compiled, default) or pynative")
+    group.add_argument("--amp_level", choices=["auto", "O0", "O1", "O2", "O3"],
+                       help="mixed precision; 'auto': O2 on Ascend, O0 elsewhere (CPU: O0 or O2)")
+    group.add_argument("--dataset_sink_mode", action=BOOL, help="feed data through the device queue "
+                                                                 "(default: on for Ascend, off elsewhere)")
+    group.add_argument("--seed", type=int, help="seed of weights, shuffling and augmentation (same on all ranks)")
+    group.add_argument("--output_dir", help="where checkpoints, metrics.jsonl, train.log, curves.png and "
+                                            "config.json go")
+    group.add_argument("--resume", action=BOOL, help="continue from OUTPUT_DIR/last.ckpt with its saved settings")
+    group.add_argument("--distributed", action=BOOL, help="data parallel, one process per device, under msrun")
+    group.add_argument("--progress_bar", action=BOOL, help="a progress bar per epoch")
+    group.add_argument("--followups", action=BOOL, help="after training, evaluate, infer and export best.ckpt")
+    group.add_argument("--debug_dir", help=argparse.SUPPRESS)  # test hook: batches seen and weights per rank
+    return parser
+
+
+def _parse_overrides(pairs, parser) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--model_override expects FIELD=VALUE, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)  # numbers and booleans; anything else stays a string
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    if "model_overrides" in args:
+        args["model_overrides"] = _parse_overrides(args["model_overrides"], parser)
+    recipe, config_file, dry_run = args.pop("recipe", None), args.pop("config_file", None), args.pop("dry_run", False)
+
+    from vit_ms.training import TrainingDiverged, resolve_train_config, run_followups, train
+
+    try:
+        cfg = resolve_train_config(recipe, config_file, **args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    if dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    try:
+        result = train(cfg)
+        if cfg.followups and result.rank == 0:
+            run_followups(cfg, result)
+    except TrainingDiverged as error:
+        logging.getLogger("vit_ms").error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"best val top-1 {100 * result.best_top1:.2f}% after {result.epochs_done} epoch(s); "
+          f"checkpoints in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
