@@ -4,7 +4,7 @@ Uses `mindspore.Model.eval` with the tutorial's metrics; the preprocessing (resi
 std) and class order come from the checkpoint's metadata. DATA_PATH/SPLIT/<class>/* holds the images.
 
     python eval.py --checkpoint outputs/train/best.ckpt --data_path datasets/sample
-    python eval.py --model tutorial --pretrained vit_b_16_224 --data_path datasets/dataset --json
+    python eval.py --model tutorial --pretrained vit_b_16_224 --data_path datasets/imagenet_subset --json
 
 Writes metrics.json, confusion_matrix.csv and confusion_matrix.png into --output_dir.
 """
@@ -15,15 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
+from vit_ms.cli import add_model_source_arguments, check_model_source
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="vit_ms checkpoint (weights + metadata), e.g. from train.py")
-    source.add_argument("--model", help="preset (e.g. tutorial, vit_b_16) for --pretrained foreign weights")
-    parser.add_argument("--pretrained", help="with --model: weights without vit_ms metadata (a path, or a name "
-                                             "such as vit_b_16_224 for the tutorial's checkpoint)")
-    parser.add_argument("--num_classes", type=int, default=None, help="with --model: head width (default 1000)")
+    add_model_source_arguments(parser)
     parser.add_argument("--data_path", required=True, help="dataset root holding SPLIT/<class>/ folders")
     parser.add_argument("--split", default="val", help="split folder to evaluate (default val)")
     parser.add_argument("--batch_size", type=int, default=16, help="images per batch (default 16, as the tutorial)")
@@ -31,10 +28,8 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="outputs/eval",
                         help="where metrics.json and the confusion matrix go (default outputs/eval)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--device", default="CPU", choices=("CPU", "GPU", "Ascend"), help="device (default CPU)")
     args = parser.parse_args(argv)
-    if args.model and not args.pretrained:
-        parser.error("--model needs --pretrained")
+    check_model_source(parser, args)
     return args
 
 
@@ -46,7 +41,7 @@ def main(argv=None) -> int:
     from vit_ms import viz
     from vit_ms.evaluate import evaluate_folder, load_classifier
 
-    ms.set_device(args.device)
+    ms.set_device(args.device_target)
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         classifier = load_classifier(args.checkpoint, model=args.model, pretrained=args.pretrained,

@@ -15,15 +15,12 @@ import argparse
 import logging
 import sys
 
+from vit_ms.cli import add_model_source_arguments, check_model_source
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="vit_ms checkpoint (weights + metadata), e.g. from train.py")
-    source.add_argument("--model", help="preset (e.g. tutorial, vit_b_16) for --pretrained foreign weights")
-    parser.add_argument("--pretrained", help="with --model: weights without vit_ms metadata (a path, or a name "
-                                             "such as vit_b_16_224 for the tutorial's checkpoint)")
-    parser.add_argument("--num_classes", type=int, default=None, help="with --model: head width (default 1000)")
+    add_model_source_arguments(parser)
     parser.add_argument("--output", required=True, help="file to write; .mindir / .onnx is added when missing")
     parser.add_argument("--file_format", default="MINDIR", type=str.upper, choices=("MINDIR", "ONNX"),
                         help="MINDIR (default) or ONNX")
@@ -32,10 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--atol", type=float, default=None,
                         help="largest allowed logit difference in the parity check (default 1e-5 MINDIR, 1e-4 ONNX)")
     parser.add_argument("--no_check", action="store_true", help="skip the reload-and-compare parity check")
-    parser.add_argument("--device", default="CPU", choices=("CPU", "GPU", "Ascend"), help="device (default CPU)")
     args = parser.parse_args(argv)
-    if args.model and not args.pretrained:
-        parser.error("--model needs --pretrained")
+    check_model_source(parser, args)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch_size must be positive")
     return args
@@ -49,7 +44,7 @@ def main(argv=None) -> int:
     from vit_ms.evaluate import load_classifier
     from vit_ms.export import ExportError, ParityError, export_model
 
-    ms.set_device(args.device)
+    ms.set_device(args.device_target)
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the reference forward passes need no graph compile
     try:
         classifier = load_classifier(args.checkpoint, model=args.model, pretrained=args.pretrained,

@@ -6,7 +6,7 @@ its top-k class indices, names and probabilities; an unreadable file is reported
 
     python infer.py --checkpoint outputs/train/best.ckpt --input datasets/sample/infer --output_dir outputs/infer
     python infer.py --mindir vit.mindir --input 'photos/**/*.jpg' --top_k 3 --json
-    python infer.py --model tutorial --pretrained vit_b_16_224 --input dataset/infer --output_dir out --attention
+    python infer.py --model tutorial --pretrained vit_b_16_224 --input datasets/imagenet_subset/infer --output_dir out --attention
 
 Exit status: 0 when at least one image was predicted, 1 when none was (all unreadable or none found).
 """
@@ -16,16 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
+from vit_ms.cli import add_model_source_arguments, check_model_source
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="vit_ms checkpoint (weights + metadata), e.g. from train.py")
-    source.add_argument("--mindir", help="MINDIR from export.py; its sidecar FILE.json must lie beside it")
-    source.add_argument("--model", help="preset (e.g. tutorial, vit_b_16) for --pretrained foreign weights")
-    parser.add_argument("--pretrained", help="with --model: weights without vit_ms metadata (a path, or a name "
-                                             "such as vit_b_16_224 for the tutorial's checkpoint)")
-    parser.add_argument("--num_classes", type=int, default=None, help="with --model: head width (default 1000)")
+    add_model_source_arguments(parser, mindir=True)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="image files, folders (recursive, image extensions only) or glob patterns "
                              "(quote them so the shell does not expand them)")
@@ -37,10 +33,8 @@ def parse_args(argv=None):
                         help="also save an attention-rollout map per image (NAME_attention.png) in --output_dir; "
                              "needs --checkpoint or --model (a MINDIR hides the attention)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--device", default="CPU", choices=("CPU", "GPU", "Ascend"), help="device (default CPU)")
     args = parser.parse_args(argv)
-    if args.model and not args.pretrained:
-        parser.error("--model needs --pretrained")
+    check_model_source(parser, args)
     if args.attention and not args.output_dir:
         parser.error("--attention writes PNG files: give --output_dir")
     if args.attention and args.mindir:
@@ -66,7 +60,7 @@ def main(argv=None) -> int:
     from vit_ms import data, viz
     from vit_ms.evaluate import find_images, load_classifier, predict_images
 
-    ms.set_device(args.device)
+    ms.set_device(args.device_target)
     ms.set_context(mode=ms.PYNATIVE_MODE)  # a handful of images: no graph compile to wait for
     try:
         classifier = load_classifier(args.checkpoint, mindir=args.mindir, model=args.model,

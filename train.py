@@ -10,7 +10,6 @@ A recipe (vit_ms.config.RECIPES) supplies every setting; flags given here overri
 """
 import argparse
 import json
-import logging
 import sys
 
 BOOL = argparse.BooleanOptionalAction
@@ -103,6 +102,8 @@ def main(argv=None) -> int:
         args["model_overrides"] = _parse_overrides(args["model_overrides"], parser)
     recipe, config_file, dry_run = args.pop("recipe", None), args.pop("config_file", None), args.pop("dry_run", False)
 
+    from vit_ms.checkpoint import CheckpointError
+    from vit_ms.data import DatasetError
     from vit_ms.training import TrainingDiverged, resolve_train_config, run_followups, train
 
     try:
@@ -116,10 +117,8 @@ def main(argv=None) -> int:
         result = train(cfg)
         if cfg.followups and result.rank == 0:
             run_followups(cfg, result)
-    except TrainingDiverged as error:
-        logging.getLogger("vit_ms").error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (TrainingDiverged, DatasetError, CheckpointError):
+        return 1  # train() has logged the reason and the fix, on the console and in train.log
     print(f"best val top-1 {100 * result.best_top1:.2f}% after {result.epochs_done} epoch(s); "
           f"checkpoints in {result.output_dir}")
     return 0

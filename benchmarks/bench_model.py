@@ -1,7 +1,10 @@
 """Benchmark vit_ms against an equivalent PyTorch ViT on this machine: images/s, first-call time, peak RSS.
 
 Inference and one training step (cross-entropy + AdamW) for each preset and batch size, MindSpore
-(graph mode, dynamic batch) and PyTorch eager side by side. Every measurement runs in its own
+graph mode and PyTorch eager side by side. `mindspore` compiles for the batch size it is given (as
+training with `drop_remainder` does); `mindspore-dynamic` declares a dynamic batch dimension
+(`vit_ms.set_dynamic_batch`: one graph for every batch size, ~1.7x slower per step in MindSpore 2.10 on
+CPU, which re-infers shapes op by op at run time); `mindspore-plain` is `fast=False`. Every measurement runs in its own
 subprocess, so peak RSS (`ru_maxrss`) is that framework's alone, and the frameworks alternate round by
 round, so a noisy machine slows both alike and the ratio holds. GFLOP/s is counted from the model's
 matrix products (forward 1x, training 3x) and compared with this machine's float32 GEMM peak, measured
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("bench_model")
-FRAMEWORKS = ("mindspore", "mindspore-plain", "torch")
+FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-plain", "torch")
 
 
 # --- what a ViT costs ----------------------------------------------------------------------------
@@ -128,7 +131,7 @@ def _torch_step(config, task):
     return step, lambda a: torch.from_numpy(a), lambda out: out.detach().numpy()
 
 
-def _mindspore_step(config, task, fast, memory):
+def _mindspore_step(config, task, fast, dynamic, memory):
     import mindspore as ms
     from mindspore import nn
     from vit_ms import create_model, set_dynamic_batch
@@ -141,15 +144,15 @@ def _mindspore_step(config, task, fast, memory):
     net = create_model(config, fast=fast)
     if task == "infer":
         net.set_train(False)
-        step = set_dynamic_batch(net, config)
-        run = step
+        run = set_dynamic_batch(net, config) if dynamic else net
     else:
         opt = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.05)
         step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.CrossEntropyLoss()), opt)
         step.set_train(True)
-        s = config.image_size
-        step.set_inputs(ms.Tensor(shape=[None, config.in_channels, s, s], dtype=ms.float32),
-                        ms.Tensor(shape=[None], dtype=ms.int32))
+        if dynamic:
+            s = config.image_size
+            step.set_inputs(ms.Tensor(shape=[None, config.in_channels, s, s], dtype=ms.float32),
+                            ms.Tensor(shape=[None], dtype=ms.int32))
         run = step
     if task == "infer":
         return (lambda x, y: run(x)), (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy())
@@ -167,8 +170,8 @@ def worker(args) -> dict:
             torch.set_num_threads(args.threads)
         step, to_tensor, to_numpy = _torch_step(config, args.task)
     else:
-        step, to_tensor, to_numpy = _mindspore_step(config, args.task, args.framework == "mindspore",
-                                                    args.memory_optimize)
+        step, to_tensor, to_numpy = _mindspore_step(config, args.task, args.framework != "mindspore-plain",
+                                                    args.framework == "mindspore-dynamic", args.memory_optimize)
     rng = np.random.default_rng(0)
 
     def batch(size):
@@ -187,7 +190,8 @@ def worker(args) -> dict:
         t = time.perf_counter()
         to_numpy(step(x, y))
         times.append(time.perf_counter() - t)
-    # A different batch size: with a dynamic batch dimension this is a plain step, not a recompile.
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before a second graph exists
+    # A different batch size: a plain step with a dynamic batch dimension, a recompile without one.
     other = max(1, args.batch // 2) if args.batch > 1 else 2
     x2, y2 = batch(other)
     t = time.perf_counter()
@@ -196,7 +200,7 @@ def worker(args) -> dict:
     step_s = statistics.median(times)
     return {"images_per_s": args.batch / step_s, "step_s": step_s, "first_call_s": first_call,
             "rebatch_call_s": rebatch, "rebatch_size": other,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb, "rebatch_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 # --- the interleaved driver ----------------------------------------------------------------------
@@ -299,7 +303,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", type=csv(str), default=["infer", "train"],
                    help="infer (forward, no grad) and/or train (forward, backward, AdamW step); default both")
     p.add_argument("--frameworks", type=csv(str), default=["mindspore", "torch"],
-                   help=f"any of {', '.join(FRAMEWORKS)}; mindspore-plain is vit_ms with fast=False "
+                   help=f"any of {', '.join(FRAMEWORKS)}: mindspore compiles per batch size, "
+                        "mindspore-dynamic once for all (set_dynamic_batch), mindspore-plain is fast=False "
                         "(default: mindspore,torch)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved rounds per measurement, each in a fresh process; the median counts (default 3)")

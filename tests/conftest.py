@@ -1,5 +1,7 @@
 """Shared test set-up: CPU device, deterministic seeds, and a fixture per execution mode."""
 import os
+import shutil
+import tempfile
 
 import mindspore as ms
 import numpy as np
@@ -28,7 +30,16 @@ def rng():
     return np.random.default_rng(0)
 
 
+_CACHE = tempfile.mkdtemp(prefix="vit_ms_test_cache_")
+
+
 def pytest_configure(config):
-    # MindSpore's graph compiler writes kernel_meta/ and logs under the working dir by default;
-    # keep tests from leaving them in the checkout.
-    os.environ.setdefault("GLOG_v", "3")
+    os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING chatter off; errors still show
+    # Compiled CPU kernels and downloaded weights go to a per-session folder, not the user's ~/.cache
+    # (subprocesses started by the CLI tests inherit these too).
+    os.environ["VIT_MS_KERNEL_CACHE"] = os.path.join(_CACHE, "kernels")
+    os.environ["VIT_MS_HOME"] = os.path.join(_CACHE, "home")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)

@@ -1,8 +1,9 @@
 """train.py as a user runs it: --help, bad flags, a run killed with SIGKILL and resumed, msrun data
 parallelism on two CPU workers, and the tutorial recipe offline."""
+import functools
+import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -180,3 +181,38 @@ def test_msrun_two_cpu_workers_train_one_model_on_disjoint_shards(tmp_path):
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
     assert read_metadata(out / "last.ckpt")["global_step"] == 2 * 24 // 8
     assert "[rank 0]" in (out / "train.log").read_text() and "[rank 1]" not in (out / "train.log").read_text()
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tutorial_offline_stops_at_each_download_naming_the_file(tmp_path, monkeypatch, capsys):
+    from vit_ms import checkpoint, data
+
+    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: the download fails at once
+    monkeypatch.setenv("VIT_MS_DATA", str(tmp_path / "datasets"))
+    monkeypatch.setenv("VIT_MS_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "download_tutorial_dataset", functools.partial(
+        data.download_tutorial_dataset, url=f"{closed}/vit_imagenet_dataset.zip", timeout=5, progressbar=False))
+    resolve_pretrained = checkpoint.resolve_pretrained
+    monkeypatch.setattr(checkpoint, "resolve_pretrained", lambda *a, **k: pytest.fail("fetched the weights first"))
+    args = ["--recipe", "tutorial", "--output_dir", str(tmp_path / "run"), "--no-progress_bar"]
+
+    # First stop: the dataset archive, before anything else is fetched or built.
+    assert _train_script().main(args) == 1
+    err = capsys.readouterr().err
+    assert f"place it at {tmp_path / 'datasets' / 'vit_imagenet_dataset.zip'}" in err, err
+    assert "vit_imagenet_dataset.zip" in (tmp_path / "run" / "train.log").read_text()
+
+    # With the data in place, the next stop is the pretrained checkpoint, named with its place.
+    make_image_folder(tmp_path / "datasets" / "imagenet_subset", per_class=(2, 1))
+    monkeypatch.setattr(checkpoint, "resolve_pretrained", resolve_pretrained)
+    monkeypatch.setenv("VIT_MS_PRETRAINED_URL", closed)
+    assert _train_script().main(args) == 1
+    err = capsys.readouterr().err
+    assert f"put it at {tmp_path / 'cache' / 'vit_b_16_224.ckpt'}" in err, err
+    assert not (tmp_path / "run" / "last.ckpt").exists()

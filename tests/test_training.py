@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -15,7 +16,7 @@ from vit_ms import create_model
 from vit_ms.checkpoint import load_model, read_metadata
 from vit_ms.config import RECIPES, TrainConfig, get_train_config
 from vit_ms.training import (CrossEntropySmooth, TrainingDiverged, build_optimizer, lr_schedule, param_groups,
-                             read_metrics, resolve_train_config, train)
+                             read_metrics, resolve_train_config, run_followups, train)
 
 # A model that compiles in seconds: 16-pixel images, 2x2 patches of 8, width 32, one block.
 TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
@@ -47,7 +48,7 @@ def test_tutorial_recipe_is_the_tutorials_fine_tuning():
     assert (cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.beta1) == (10, 16, "adam", 0.9)
     assert (cfg.lr, cfg.min_lr, cfg.lr_schedule, cfg.label_smoothing) == (5e-5, 0.0, "cosine_epoch", 0.1)
     assert (cfg.weight_decay, cfg.drop_path_rate, cfg.model_overrides) == (0.0, 0.0, {})
-    assert cfg.amp_level == "auto" and cfg.followups
+    assert cfg.amp_level == "auto" and cfg.followups and cfg.augment and cfg.crop_min_scale == 0.08
     # nn.cosine_decay_lr(min_lr=0, max_lr=5e-5, total_step=10*125, step_per_epoch=125, decay_epoch=10),
     # written out by hand: constant within an epoch, 5e-5 * (1 + cos(pi * epoch / 10)) / 2.
     lr = lr_schedule(cfg, steps_per_epoch=125)
@@ -214,3 +215,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
     for name, content in before.items():
         assert (out / name).read_bytes() == content, f"{name} changed after the NaN"
     assert "training stopped" in (out / "train.log").read_text()
+
+
+def test_followups_evaluate_infer_and_export_the_best_checkpoint(tiny_run, tmp_path):
+    cfg, result = tiny_run
+    infer = tmp_path / "data" / "infer"
+    shutil.copytree(Path(cfg.data_path) / "val", tmp_path / "data" / "val")
+    infer.mkdir()
+    shutil.copy(Path(cfg.data_path) / "val" / "class_1" / "000.png", infer / "green.png")
+    out = tmp_path / "run"
+    shutil.copytree(result.output_dir, out)
+    run_followups(cfg, dataclasses.replace(result, output_dir=out, best_checkpoint=out / "best.ckpt"),
+                  data_root=tmp_path / "data")
+    assert json.loads((out / "eval" / "metrics.json").read_text())["top_1"] == 1.0
+    assert (out / "infer" / "predictions.json").is_file()
+    assert (out / "vit.mindir").stat().st_size > 0

@@ -17,6 +17,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def check_fields(cls, keys) -> None:
+    """Raise ValueError naming any of `keys` that is not a field of the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """Architecture of one Vision Transformer. Field names are a public contract (checkpoints store them)."""
@@ -75,10 +83,7 @@ class ViTConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ViTConfig":
         """Build from a dict (e.g. checkpoint metadata), rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ViTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        check_fields(cls, values)
         return cls(**values)
 
 
@@ -110,10 +115,7 @@ def get_config(name_or_config, **overrides) -> ViTConfig:
         config = PRESETS[name_or_config]
     else:
         raise ValueError(f"unknown model preset {name_or_config!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown ViTConfig field(s) {unknown}; known fields: {sorted(known)}")
+    check_fields(ViTConfig, overrides)
     return dataclasses.replace(config, **overrides)
 
 
@@ -164,15 +166,12 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocess":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Preprocess field(s) {unknown}; known fields: {sorted(known)}")
+        check_fields(cls, values)
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
 
 
-__all__ = ["ViTConfig", "PRESETS", "Preprocess", "get_config", "count_parameters",
+__all__ = ["ViTConfig", "PRESETS", "Preprocess", "get_config", "count_parameters", "check_fields",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 
@@ -265,10 +264,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a dict (e.g. a saved config.json), rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+        check_fields(cls, values)
         return cls(**values)
 
 
@@ -277,16 +273,17 @@ RECIPES = {
     # two CPU cores reach >= 90% val top-1 in a few minutes. AdamW, warmup + cosine, label smoothing and
     # stochastic depth, as DeiT trains ViTs from scratch.
     "scratch": TrainConfig(
-        recipe="scratch", dataset="sample", model="vit_ti_16", image_size=32,
-        model_overrides={"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_dim": 192},
-        drop_path_rate=0.1, epochs=20, batch_size=32, optimizer="adamw", lr=2e-3, min_lr=1e-5,
-        lr_schedule="warmup_cosine", warmup_epochs=2, weight_decay=0.05, label_smoothing=0.1,
+        recipe="scratch", dataset="sample", augment=True, crop_min_scale=0.5, model="vit_ti_16", image_size=32,
+        model_overrides={"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_dim": 192},
+        drop_path_rate=0.05, epochs=15, batch_size=32, optimizer="adamw", lr=1e-3, min_lr=1e-5,
+        lr_schedule="warmup_cosine", warmup_epochs=1, weight_decay=0.05, label_smoothing=0.1,
         output_dir="outputs/train"),
     # The MindSpore tutorial's fine-tuning, exactly: pretrained ViT-B/16, nn.Adam(lr, beta1=0.9),
     # nn.cosine_decay_lr(0, 5e-5) over 10 epochs stepping once per epoch, label smoothing 0.1, batch 16,
     # on the ImageNet subset at 224 pixels; then evaluate, infer and export.
     "tutorial": TrainConfig(
-        recipe="tutorial", dataset="imagenet_subset", model="tutorial", image_size=224, model_overrides={},
+        recipe="tutorial", dataset="imagenet_subset", augment=True, crop_min_scale=0.08, model="tutorial",
+        image_size=224, model_overrides={},
         drop_path_rate=0.0, pretrained="vit_b_16_224", epochs=10, batch_size=16, optimizer="adam", lr=5e-5,
         min_lr=0.0, lr_schedule="cosine_epoch", warmup_epochs=0, beta1=0.9, beta2=0.999, eps=1e-8,
         weight_decay=0.0, label_smoothing=0.1, output_dir="outputs/tutorial", followups=True),
@@ -302,10 +299,7 @@ def get_train_config(recipe: str = "scratch", **overrides) -> TrainConfig:
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+    check_fields(TrainConfig, overrides)
     return dataclasses.replace(RECIPES[recipe], **overrides)
 
 

@@ -40,7 +40,9 @@ class _FastDense(nn.Dense):
         self.add_bias = add_bias
 
     def construct(self, x):
-        return self.add_bias(ops.dense(x, self.weight), self.bias)
+        # nn.Dense's own 2-D MatMul(transpose_b): its backward needs no Transpose ops, unlike ops.dense's.
+        y = self.matmul(x.reshape(-1, self.in_channels), self.weight)  # (rows, out)
+        return self.add_bias(y, self.bias).reshape(x.shape[:-1] + (self.out_channels,))
 
 
 class _FastLayerNorm(nn.LayerNorm):

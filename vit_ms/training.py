@@ -39,7 +39,7 @@ from mindspore.train.metrics import TopKCategoricalAccuracy
 
 from . import checkpoint as ckpt
 from . import data
-from .config import Preprocess, TrainConfig, get_config
+from .config import Preprocess, TrainConfig, check_fields, get_config
 from .model import ViT
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,6 @@ class LossGuard(Callback):
             self.state.diverged = (f"the training loss became {loss} at epoch {cb_params.cur_epoch_num}, global "
                                    f"step {self.state.global_step(cb_params)} (lr "
                                    f"{self.state.current_lr(cb_params):.3g}); training stopped")
-            logger.error("%s", self.state.diverged)
             run_context.request_stop()
             return
         self.state.epoch_losses.append(loss)
@@ -379,6 +378,14 @@ def _setup_logging(out: Optional[Path], rank: Optional[int]) -> List[logging.Han
     return handlers
 
 
+def _teardown_logging(handlers: List[logging.Handler]) -> None:
+    package = logging.getLogger("vit_ms")
+    for handler in handlers:
+        package.removeHandler(handler)
+        handler.close()
+    package.propagate = True
+
+
 def _init_device(cfg: TrainConfig):
     """Device, execution mode, seed and (when distributed) the communication group: (rank, group size)."""
     ms.set_device(cfg.device_target)
@@ -465,16 +472,17 @@ def _restore(train_network: nn.Cell, path: Path) -> dict:
     """Load weights and optimizer state from last.ckpt into the train network; returns its metadata."""
     meta = ckpt.read_metadata(path)
     if meta is None or "epoch" not in meta:
-        raise ValueError(f"{path} is not a vit_ms training checkpoint (no epoch in its metadata); "
-                         f"start without --resume or point --output_dir at the run to continue")
+        raise ckpt.CheckpointError(f"{path} is not a vit_ms training checkpoint (no epoch in its "
+                                   f"metadata); start without --resume or point --output_dir at the run")
     # The learning-rate table is rebuilt from the settings (which may extend the run); the position in it
     # is the restored global_step.
     params = ms.load_checkpoint(str(path), choice_func=lambda name: name not in (ckpt.META_KEY, "learning_rate"))
     not_loaded, _ = ms.load_param_into_net(train_network, params, strict_load=True)
     not_loaded = [name for name in not_loaded if name != "learning_rate"]
     if not_loaded:
-        raise ValueError(f"{path} lacks {len(not_loaded)} parameter(s) of this run's network and optimizer "
-                         f"(e.g. {not_loaded[:3]}); was it written with another model or --optimizer?")
+        raise ckpt.CheckpointError(f"{path} lacks {len(not_loaded)} parameter(s) of this run's network and "
+                                   f"optimizer (e.g. {not_loaded[:3]}); was it written with another model or "
+                                   f"--optimizer?")
     return meta
 
 
@@ -492,7 +500,8 @@ def resolve_train_config(recipe: Optional[str] = None, config_file=None, **overr
     4. `overrides`, e.g. the flags given on the command line.
 
     `model_overrides` are merged into the recipe's; choosing another `model` instead drops the recipe's
-    `model_overrides` and takes the preset's image size, unless those are given too. Unknown keys raise ValueError at every layer.
+    `model_overrides` and takes the preset's image size, unless those are given too. Unknown keys raise
+    ValueError at every layer.
 
     Args:
         recipe: a key of `RECIPES`.
@@ -515,10 +524,7 @@ def resolve_train_config(recipe: Optional[str] = None, config_file=None, **overr
             raise ValueError(f"unknown model preset {overrides['model']!r}; choose one of {sorted(PRESETS)}")
         overrides.setdefault("model_overrides", {})
         overrides.setdefault("image_size", PRESETS[overrides["model"]].image_size)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+    check_fields(TrainConfig, overrides)
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -533,6 +539,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     Raises:
         TrainingDiverged: the loss became NaN/inf; files hold the last good epoch.
+        vit_ms.data.DatasetError: the data is missing (offline: the message says where to put the archive).
+        vit_ms.checkpoint.CheckpointError: the pretrained weights are missing or do not fit the model.
     """
     rank, group_size = _init_device(cfg)
     out = Path(cfg.output_dir).expanduser()
@@ -542,10 +550,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     handlers = _setup_logging(out if writer else None, rank if cfg.distributed else None)
     try:
         return _train(cfg, out, rank, group_size, writer)
+    except (TrainingDiverged, data.DatasetError, ckpt.CheckpointError) as error:
+        logger.error("%s", error)  # into train.log too, not only on the console
+        raise
     finally:
-        for handler in handlers:
-            logging.getLogger("vit_ms").removeHandler(handler)
-            handler.close()
+        _teardown_logging(handlers)
 
 
 def _train(cfg: TrainConfig, out: Path, rank: int, group_size: int, writer: bool) -> TrainResult:
@@ -584,17 +593,18 @@ def _train(cfg: TrainConfig, out: Path, rank: int, group_size: int, writer: bool
             logger.info("%s: every image decodes (checked before the first epoch)", split)
     steps_per_epoch = train_ds.get_dataset_size()
     if steps_per_epoch == 0:
-        raise ValueError(f"{root / 'train'} has fewer images per device than one batch of {cfg.batch_size}; "
-                         f"lower --batch_size")
+        raise data.DatasetError(f"{root / 'train'} has fewer images per device than one batch of "
+                                f"{cfg.batch_size}; lower --batch_size")
 
-    net = ViT(config)
+    amp_level = amp_level_for(cfg)
+    # The model's fast path (fused CPU kernels) is float32 CPU code; other devices and AMP use plain ops.
+    net = ViT(config, fast=cfg.device_target == "CPU" and amp_level == "O0")
     if pretrained is not None:
         report = ckpt.load_weights(net, pretrained)
         logger.info("initial weights: %s", report.summary())
     loss_fn = CrossEntropySmooth(config.num_classes, cfg.label_smoothing)
     schedule = lr_schedule(cfg, steps_per_epoch)
     optimizer = build_optimizer(net, cfg, schedule)
-    amp_level = amp_level_for(cfg)
     # The eval network sees the last, smaller val batch too: a dynamic batch dimension compiles it once.
     # Training uses drop_remainder, so its graph keeps a static shape (and sinks on Ascend).
     eval_net = nn.WithEvalCell(net, loss_fn, add_cast_fp32=amp_level in ("O2", "O3"))
@@ -613,8 +623,8 @@ def _train(cfg: TrainConfig, out: Path, rank: int, group_size: int, writer: bool
     last_path = out / LAST_CKPT
     if cfg.resume:
         if not last_path.is_file():
-            raise FileNotFoundError(f"--resume: {last_path} does not exist; run without --resume to start, "
-                                    f"or pass the --output_dir of the run to continue")
+            raise ckpt.CheckpointError(f"--resume: {last_path} does not exist; run without --resume to start, "
+                                       f"or pass the --output_dir of the run to continue")
         saved = _restore(model.train_network, last_path)
         initial_epoch, best_top1 = int(saved["epoch"]), float(saved.get("best_top1", -1.0))
         if writer:
@@ -680,7 +690,7 @@ def run_followups(cfg: TrainConfig, result: TrainResult, data_root: Optional[Pat
     root = Path(data_root) if data_root is not None else resolve_data_root(cfg)
     scripts = Path(__file__).resolve().parent.parent
     best = str(result.best_checkpoint)
-    device = ["--device", cfg.device_target]
+    device = ["--device_target", cfg.device_target]
     steps = [
         ("evaluate", ["eval.py", "--checkpoint", best, "--data_path", str(root), "--split", "val",
                       "--output_dir", str(result.output_dir / "eval"), *device]),

@@ -1,0 +1,34 @@
+"""Command-line pieces shared by eval.py, infer.py and export.py: where the model comes from, and the device.
+
+Imports nothing heavy, so a script's `--help` answers before MindSpore is loaded.
+"""
+import argparse
+
+DEVICES = ("CPU", "GPU", "Ascend")
+
+
+def add_model_source_arguments(parser: argparse.ArgumentParser, mindir: bool = False) -> None:
+    """--checkpoint | [--mindir] | --model with --pretrained [--num_classes], and --device_target.
+
+    Args:
+        parser: the script's parser.
+        mindir: also offer --mindir (an exported file with its JSON sidecar).
+    """
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="vit_ms checkpoint (weights + metadata), e.g. from train.py")
+    if mindir:
+        source.add_argument("--mindir", help="MINDIR from export.py; its sidecar FILE.json must lie beside it")
+    source.add_argument("--model", help="preset (e.g. tutorial, vit_b_16) for --pretrained foreign weights")
+    parser.add_argument("--pretrained", help="with --model: weights without vit_ms metadata (a path, or a name "
+                                             "such as vit_b_16_224 for the tutorial's checkpoint)")
+    parser.add_argument("--num_classes", type=int, default=None, help="with --model: head width (default 1000)")
+    parser.add_argument("--device_target", default="CPU", choices=DEVICES,
+                        help="where to run, as in train.py (default CPU)")
+
+
+def check_model_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag combinations argparse cannot express, with parser.error (exit status 2)."""
+    if args.model and not args.pretrained:
+        parser.error("--model needs --pretrained")
+    if args.pretrained and not args.model:
+        parser.error("--pretrained goes with --model (a vit_ms checkpoint takes --checkpoint)")
