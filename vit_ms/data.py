@@ -328,9 +328,11 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
     if num_shards is not None and len(samples) < num_shards:
         raise DatasetError(f"{Path(root) / split} has {len(samples)} images, fewer than {num_shards} shards")
 
-    # Threads, not processes: the source only reads bytes; the C++ map below does the real work.
+    # One thread: the source only reads bytes and the C++ map below does the real work. Two source
+    # threads fight over the GIL with the map's workers: 3-10x slower epochs with 2 map workers
+    # (measured with benchmarks/bench_data.py on 2 cores).
     dataset = ds.GeneratorDataset(_EncodedImages(samples), column_names=["image", "label"], shuffle=shuffle,
-                                  num_shards=num_shards, shard_id=shard_id, num_parallel_workers=min(workers, 2),
+                                  num_shards=num_shards, shard_id=shard_id, num_parallel_workers=1,
                                   python_multiprocessing=False)
     transforms = (train_transforms(preprocess, crop_scale, crop_ratio) if training
                   else eval_transforms(preprocess))
