@@ -818,3 +818,12 @@ def test_convert_cli_tutorial_names_new_classes_and_image_size(tmp_path):
     np.testing.assert_array_equal(loaded["pos_embed"], resample_pos_embed(params["pos_embed"], 6))
     assert not loaded["head.weight"].any()
     assert "head for 10 classes" in result.stderr and "4x4 to a 6x6" in result.stderr
+
+
+def test_read_metadata_is_none_for_a_sound_checkpoint_without_it(tmp_path):
+    path = str(tmp_path / "plain.ckpt")
+    ms.save_checkpoint([{"name": "w", "data": ms.Tensor(np.ones(2, np.float32))}], path)
+    assert read_metadata(path) is None
+    (tmp_path / "cut.ckpt").write_bytes(open(path, "rb").read()[:20])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_metadata(str(tmp_path / "cut.ckpt"))
