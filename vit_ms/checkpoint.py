@@ -102,7 +102,7 @@ def read_metadata(path) -> Optional[dict]:
         if seen:
             return None
         raise _unreadable(path, error) from error
-    return _parse_metadata(path, params[META_KEY])
+    return parse_metadata(path, params[META_KEY])
 
 
 def config_from_metadata(meta: dict) -> tuple[ViTConfig, Preprocess]:
@@ -151,7 +151,8 @@ def _unreadable(path, error) -> CheckpointError:
                            f"Download or save it again.")
 
 
-def _parse_metadata(path, value) -> dict:
+def parse_metadata(path, value) -> dict:
+    """The metadata dict from a checkpoint's raw `vit_ms_meta` entry; `path` only names it in errors."""
     try:
         meta = json.loads(value if isinstance(value, str) else str(value))
     except json.JSONDecodeError as error:
@@ -182,7 +183,7 @@ def read_params(path) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
         if suffix == ".ckpt":
             raw = ms.load_checkpoint(str(path))
             if META_KEY in raw:
-                meta = _parse_metadata(path, raw.pop(META_KEY))
+                meta = parse_metadata(path, raw.pop(META_KEY))
             params = {}
             for name, value in raw.items():
                 if isinstance(value, str):  # other append_dict strings carry no weights
@@ -933,7 +934,7 @@ def resolve_pretrained(name_or_path, cache_dir=None, base_url: Optional[str] = N
     return target
 
 
-__all__ = ["META_KEY", "SOURCES", "CheckpointError", "LoadReport", "make_metadata", "save_checkpoint",
+__all__ = ["META_KEY", "SOURCES", "CheckpointError", "LoadReport", "make_metadata", "parse_metadata", "save_checkpoint",
            "read_metadata", "config_from_metadata", "load_model", "read_params", "detect_source", "convert",
            "resample_pos_embed", "load_weights", "infer_config", "convert_checkpoint", "PRETRAINED",
            "PretrainedSource", "default_cache_dir", "resolve_pretrained"]
