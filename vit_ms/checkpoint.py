@@ -934,7 +934,7 @@ def resolve_pretrained(name_or_path, cache_dir=None, base_url: Optional[str] = N
     return target
 
 
-__all__ = ["META_KEY", "SOURCES", "CheckpointError", "LoadReport", "make_metadata", "parse_metadata", "save_checkpoint",
-           "read_metadata", "config_from_metadata", "load_model", "read_params", "detect_source", "convert",
+__all__ = ["META_KEY", "SOURCES", "CheckpointError", "LoadReport", "make_metadata", "parse_metadata",
+           "save_checkpoint", "read_metadata", "config_from_metadata", "load_model", "read_params", "detect_source", "convert",
            "resample_pos_embed", "load_weights", "infer_config", "convert_checkpoint", "PRETRAINED",
            "PretrainedSource", "default_cache_dir", "resolve_pretrained"]
