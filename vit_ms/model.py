@@ -28,21 +28,28 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import Normal, TruncatedNormal, XavierUniform, Zero, initializer
 
 from .config import ViTConfig, get_config
-from .kernels import add_bias_kernel, gelu_kernel, layer_norm_kernel
+from .kernels import (add_bias_kernel, batched_matmul_kernels, gelu_kernel, layer_norm_kernel, linear_kernel,
+                      patchify_kernel, softmax_kernel, swap_heads_kernel)
 
 
 class _FastDense(nn.Dense):
-    """`nn.Dense` (same parameters) with the bias added by the fused CPU kernel, whose backward sums the
-    bias gradient in one pass: MindSpore's CPU BiasAddGrad alone took 12 % of a ViT-S training step."""
+    """`nn.Dense` (same parameters) on fused CPU kernels: the whole layer on oneDNN's sgemm where the
+    MindSpore wheel ships oneDNN (`linear`), else MindSpore's MatMul with the bias added by a kernel whose
+    backward sums the bias gradient in one pass (MindSpore's CPU BiasAddGrad took 12 % of a ViT-S step)."""
 
-    def __init__(self, *args, add_bias=None, **kwargs):
+    def __init__(self, *args, linear=None, add_bias=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.linear = linear
         self.add_bias = add_bias
 
     def construct(self, x):
-        # nn.Dense's own 2-D MatMul(transpose_b): its backward needs no Transpose ops, unlike ops.dense's.
-        y = self.matmul(x.reshape(-1, self.in_channels), self.weight)  # (rows, out)
-        return self.add_bias(y, self.bias).reshape(x.shape[:-1] + (self.out_channels,))
+        rows = x.reshape(-1, self.in_channels)
+        if self.linear is not None:
+            y = self.linear(rows, self.weight, self.bias)  # (rows, out)
+        else:
+            # nn.Dense's own 2-D MatMul(transpose_b): its backward needs no Transpose ops, unlike ops.dense's.
+            y = self.add_bias(self.matmul(rows, self.weight), self.bias)
+        return y.reshape(x.shape[:-1] + (self.out_channels,))
 
 
 class _FastLayerNorm(nn.LayerNorm):
@@ -64,7 +71,8 @@ def _dense(in_dim: int, out_dim: int, bias_std: float = 0.0, fast: bool = True, 
     add_bias = add_bias_kernel() if fast else None
     if add_bias is None:
         return nn.Dense(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init)
-    return _FastDense(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init, add_bias=add_bias)
+    return _FastDense(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init, linear=linear_kernel(),
+                      add_bias=add_bias)
 
 
 def _layer_norm(config: ViTConfig, fast: bool = True) -> nn.LayerNorm:
@@ -88,6 +96,10 @@ class PatchEmbed(nn.Cell):
         self.proj = nn.Conv2d(config.in_channels, config.embed_dim, kernel_size=config.patch_size,
                               stride=config.patch_size, pad_mode="valid", has_bias=True,
                               weight_init=TruncatedNormal(sigma, a=-2 * sigma, b=2 * sigma), bias_init=Zero())
+        self.patchify = patchify_kernel() if fast else None
+        self.linear = linear_kernel() if fast else None
+        self.add_bias = add_bias_kernel() if fast else None
+        self.matmul = ops.MatMul(transpose_b=True)  # not ops.dense, whose backward adds Transposes
 
     def construct(self, x):
         if not self.fast:
@@ -98,10 +110,32 @@ class PatchEmbed(nn.Cell):
         # is a Dense on flattened patches, and MindSpore's CPU Conv2d is ~100x slower than its MatMul.
         _, c, h, w = x.shape
         p = self.patch_size
-        x = x.reshape(-1, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)  # -> (B, H/p, W/p, C, p, p)
+        x = x.reshape(-1, c, h // p, p, w // p, p)
+        # -> (B, H/p, W/p, C, p, p); the kernel is the same permutation without Transpose's offset table.
+        x = x.transpose(0, 2, 4, 1, 3, 5) if self.patchify is None else self.patchify(x)
         x = x.reshape(-1, c * p * p)  # -> (B N, C p p), each row one patch in the weight's (C, p, p) order
-        x = ops.dense(x, self.proj.weight.reshape(self.embed_dim, -1), self.proj.bias)  # -> (B N, D)
+        weight = self.proj.weight.reshape(self.embed_dim, -1)  # (D, C p p)
+        if self.linear is not None:
+            x = self.linear(x, weight, self.proj.bias)  # -> (B N, D)
+        else:
+            x = self.matmul(x, weight)
+            x = x + self.proj.bias if self.add_bias is None else self.add_bias(x, self.proj.bias)
         return x.reshape(-1, (h // p) * (w // p), self.embed_dim)  # -> (B, N, D)
+
+
+class _SwapHeads(nn.Cell):
+    """(B, N, heads, head_dim) <-> (B, heads, N, head_dim). MindSpore's CPU Transpose keeps an int64 offset
+    table per element for the graph's lifetime (2x the tensor: ~1.7 GB of a ViT-S/16 training graph at
+    batch 16); the kernel copies rows of head_dim instead."""
+
+    def __init__(self, fast: bool = True):
+        super().__init__()
+        self.kernel = swap_heads_kernel() if fast else None
+
+    def construct(self, x):
+        if self.kernel is None:
+            return x.transpose(0, 2, 1, 3)
+        return self.kernel(x)
 
 
 class Attention(nn.Cell):
@@ -117,28 +151,38 @@ class Attention(nn.Cell):
         self.qkv = _dense(config.embed_dim, 3 * config.embed_dim, fast=fast)
         self.attn_drop = nn.Dropout(p=config.attention_dropout)
         self.proj = _dense(config.embed_dim, config.embed_dim, fast=fast)
+        self.swap_heads = _SwapHeads(fast)
+        # q k^T (without materialising k^T) and probs v: oneDNN's sgemm where the wheel has it.
+        kernels = batched_matmul_kernels() if fast else None
+        self.scores, self.weighted_sum = kernels or (ops.BatchMatMul(transpose_b=True), ops.BatchMatMul())
+        self.softmax = softmax_kernel() if fast else None
 
     def attention_probs(self, x):
         """softmax(q k^T / sqrt(d_h)) and v, from tokens x of shape (B, N, D)."""
         n = x.shape[1]
         if self.fast:
-            # Three 4-D transposes: MindSpore's CPU 5-D transpose is ~20x slower than all three.
+            # Three 4-D head splits, not one 5-D transpose (~20x slower on MindSpore's CPU backend).
             q, k, v = ops.split(self.qkv(x), self.embed_dim, axis=-1)  # 3 x (B, N, D)
-            q = q.reshape(-1, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, N, head_dim)
-            k = k.reshape(-1, n, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)  # (B, heads, head_dim, N)
-            v = v.reshape(-1, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, N, head_dim)
+            q, k, v = (self.swap_heads(t.reshape(-1, n, self.num_heads, self.head_dim)) for t in (q, k, v))
+            scores = self.scores(q * self.scale, k)  # (B, heads, N, N)
         else:
             qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim)
             qkv = qkv.transpose(2, 0, 3, 1, 4)  # -> (3, B, heads, N, head_dim)
             q, k, v = qkv[0], qkv[1].swapaxes(-1, -2), qkv[2]
-        scores = ops.matmul(q * self.scale, k)  # (B, heads, N, N)
-        return ops.softmax(scores, axis=-1), v
+            scores = ops.matmul(q * self.scale, k)  # (B, heads, N, N)
+        if self.softmax is None:
+            return ops.softmax(scores, axis=-1), v
+        return self.softmax(scores), v
 
     def construct(self, x):
         _, n, d = x.shape
         probs, v = self.attention_probs(x)
-        x = ops.matmul(self.attn_drop(probs), v)  # (B, heads, N, head_dim)
-        x = x.swapaxes(1, 2).reshape(-1, n, d)  # -> (B, N, D)
+        if self.fast:
+            # BatchMatMul, not ops.matmul: the latter's backward adds Transposes (and their offset tables).
+            x = self.swap_heads(self.weighted_sum(self.attn_drop(probs), v))  # -> (B, N, heads, head_dim)
+        else:
+            x = ops.matmul(self.attn_drop(probs), v).swapaxes(1, 2)  # (B, heads, N, head_dim) -> (B, N, heads, head_dim)
+        x = x.reshape(-1, n, d)  # -> (B, N, D)
         return self.proj(x)
 
 
