@@ -8,7 +8,8 @@ CPU, which re-infers shapes op by op at run time); `mindspore-plain` is `fast=Fa
 subprocess, so peak RSS (`ru_maxrss`) is that framework's alone, and the frameworks alternate round by
 round, so a noisy machine slows both alike and the ratio holds. GFLOP/s is counted from the model's
 matrix products (forward 1x, training 3x) and compared with this machine's float32 GEMM peak, measured
-with NumPy.
+with NumPy. MindSpore's "compile" is the graph compile alone (`Cell.compile`); "first call" adds the
+first step to it. With `--compile-cache DIR` a second run of the same command times a warm start.
 
     python benchmarks/bench_model.py                                   # Ti/S/B at 224, batch 1 and 16
     python benchmarks/bench_model.py --presets vit_s_16 --batches 16 --tasks infer --repeats 1
@@ -128,10 +129,10 @@ def _torch_step(config, task):
             loss.backward()
             opt.step()
             return loss
-    return step, lambda a: torch.from_numpy(a), lambda out: out.detach().numpy()
+    return step, lambda a: torch.from_numpy(a), lambda out: out.detach().numpy(), None
 
 
-def _mindspore_step(config, task, fast, dynamic, memory):
+def _mindspore_step(config, task, fast, dynamic, memory, compile_cache):
     import mindspore as ms
     from mindspore import nn
     from vit_ms import create_model, set_dynamic_batch
@@ -140,6 +141,8 @@ def _mindspore_step(config, task, fast, dynamic, memory):
     ms.set_context(mode=ms.GRAPH_MODE)
     if memory:
         ms.set_context(memory_optimize_level="O1")
+    if compile_cache:
+        ms.set_context(enable_compile_cache=True, compile_cache_path=compile_cache)
     ms.set_seed(0)
     net = create_model(config, fast=fast)
     if task == "infer":
@@ -155,8 +158,8 @@ def _mindspore_step(config, task, fast, dynamic, memory):
                             ms.Tensor(shape=[None], dtype=ms.int32))
         run = step
     if task == "infer":
-        return (lambda x, y: run(x)), (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy())
-    return run, (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy())
+        return (lambda x, y: run(x)), (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy()), (lambda x, y: run.compile(x))
+    return run, (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy()), run.compile
 
 
 def worker(args) -> dict:
@@ -168,10 +171,14 @@ def worker(args) -> dict:
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
-        step, to_tensor, to_numpy = _torch_step(config, args.task)
+        step, to_tensor, to_numpy, compile_step = _torch_step(config, args.task)
     else:
-        step, to_tensor, to_numpy = _mindspore_step(config, args.task, args.framework != "mindspore-plain",
-                                                    args.framework == "mindspore-dynamic", args.memory_optimize)
+        cache = None
+        if args.compile_cache:
+            cache = str(Path(args.compile_cache) / f"{args.framework}_{args.preset}_b{args.batch}_{args.task}")
+        step, to_tensor, to_numpy, compile_step = _mindspore_step(
+            config, args.task, args.framework != "mindspore-plain", args.framework == "mindspore-dynamic",
+            args.memory_optimize, cache)
     rng = np.random.default_rng(0)
 
     def batch(size):
@@ -181,6 +188,9 @@ def worker(args) -> dict:
 
     x, y = batch(args.batch)
     t = time.perf_counter()
+    if compile_step is not None:  # MindSpore: the graph compile alone, then the first step
+        compile_step(x, y)
+    compile_s = time.perf_counter() - t
     to_numpy(step(x, y))
     first_call = time.perf_counter() - t
     for _ in range(args.warmup):
@@ -198,7 +208,7 @@ def worker(args) -> dict:
     to_numpy(step(x2, y2))
     rebatch = time.perf_counter() - t
     step_s = statistics.median(times)
-    return {"images_per_s": args.batch / step_s, "step_s": step_s, "first_call_s": first_call,
+    return {"images_per_s": args.batch / step_s, "step_s": step_s, "first_call_s": first_call, "compile_s": compile_s,
             "rebatch_call_s": rebatch, "rebatch_size": other,
             "peak_rss_mb": peak_rss_mb, "rebatch_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -211,6 +221,8 @@ def measure(args, framework, preset, batch, task) -> dict:
            "--image-size", str(args.image_size), "--threads", str(args.threads)]
     if args.memory_optimize:
         cmd.append("--memory-optimize")
+    if args.compile_cache:
+        cmd += ["--compile-cache", str(args.compile_cache)]
     env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
     # The worker runs in a scratch dir: MindSpore's graph compiler drops rank_0/ and kernel_meta/ there.
     scratch = Path(args.scratch)
@@ -241,9 +253,9 @@ def run(args) -> dict:
                     for fw in order:
                         result = measure(args, fw, preset, batch, task)
                         samples[fw].append(result)
-                        logger.info("%s %s b%d %s rep %d: %.2f img/s, first call %.1f s, peak RSS %.0f MB",
-                                    preset, task, batch, fw, rep, result["images_per_s"],
-                                    result["first_call_s"], result["peak_rss_mb"])
+                        logger.info("%s %s b%d %s rep %d: %.2f img/s, compile %.1f s, first call %.1f s, "
+                                    "peak RSS %.0f MB", preset, task, batch, fw, rep, result["images_per_s"],
+                                    result["compile_s"], result["first_call_s"], result["peak_rss_mb"])
                 flops = forward_flops(config) * (3 if task == "train" else 1)
                 for fw, results in samples.items():
                     ips = statistics.median(r["images_per_s"] for r in results)
@@ -253,6 +265,7 @@ def run(args) -> dict:
                         "gflop_per_s": ips * flops / 1e9,
                         "peak_fraction": ips * flops / 1e9 / peak,
                         "first_call_s": statistics.median(r["first_call_s"] for r in results),
+                        "compile_s": statistics.median(r["compile_s"] for r in results),
                         "rebatch_call_s": statistics.median(r["rebatch_call_s"] for r in results),
                         "step_s": statistics.median(r["step_s"] for r in results),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
@@ -270,7 +283,8 @@ def format_table(report: dict) -> str:
     frameworks = list(dict.fromkeys(r["framework"] for r in rows))
     head = ["model", "batch", "task"]
     for fw in frameworks:
-        head += [f"{fw} img/s", f"{fw} first call s", f"{fw} peak RSS MB", f"{fw} GFLOP/s"]
+        head += [f"{fw} img/s"] + ([] if fw == "torch" else [f"{fw} compile s"])
+        head += [f"{fw} first call s", f"{fw} peak RSS MB", f"{fw} GFLOP/s"]
     if "torch" in frameworks and "mindspore" in frameworks:
         head += ["speed vs torch", "memory vs torch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -280,8 +294,8 @@ def format_table(report: dict) -> str:
         cells = [key[0], str(key[1]), key[2]]
         for fw in frameworks:
             r = by_fw[fw]
-            cells += [f"{r['images_per_s']:.2f}", f"{r['first_call_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
-                      f"{r['gflop_per_s']:.0f}"]
+            cells += [f"{r['images_per_s']:.2f}"] + ([] if fw == "torch" else [f"{r['compile_s']:.1f}"])
+            cells += [f"{r['first_call_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['gflop_per_s']:.0f}"]
         if "torch" in by_fw and "mindspore" in by_fw:
             ms_r, pt = by_fw["mindspore"], by_fw["torch"]
             cells += [f"{ms_r['images_per_s'] / pt['images_per_s']:.2f}x",
@@ -313,6 +327,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=224, help="input side in pixels (default 224)")
     p.add_argument("--threads", type=int, default=0,
                    help="PyTorch intra-op threads; 0 keeps PyTorch's default (all cores)")
+    p.add_argument("--compile-cache", type=Path,
+                   help="MindSpore's graph compile cache under this dir (one subdir per measurement): a second "
+                        "run of the same command loads the compiled graphs, so its compile column is a warm start")
     p.add_argument("--memory-optimize", action="store_true",
                    help="MindSpore memory_optimize_level=O1 (memory reuse across the graph)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds before one measurement is abandoned")
