@@ -48,8 +48,8 @@ def test_fast_and_plain_logits_agree(mode, gelu_approximate):
     np.testing.assert_allclose(fast.forward_features(x).asnumpy(), plain.forward_features(x).asnumpy(),
                                rtol=0, atol=1e-5)
     tokens = fast.embed(x)
-    probs_fast, _ = fast.blocks[0].attn.attention_probs(tokens)
-    probs_plain, _ = plain.blocks[0].attn.attention_probs(tokens)
+    probs_fast = fast.blocks[0].attn.attention_probs(tokens)
+    probs_plain = plain.blocks[0].attn.attention_probs(tokens)
     np.testing.assert_allclose(probs_fast.asnumpy(), probs_plain.asnumpy(), rtol=0, atol=1e-6)
 
 

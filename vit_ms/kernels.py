@@ -406,41 +406,127 @@ extern "C" int LinearGradWeight(int nparam, void **params, int *ndims, int64_t *
   return parallel_sgemm('T', 'N', n, k, rows, dy, n, 1, x, k, 0.0f, static_cast<float *>(params[2]));
 }
 
-// ---- Batched products for attention, one sgemm per (batch, head) matrix, the matrices split over the
-// OpenMP threads: (..., M, K) x (..., K, N) with either operand transposed, as "NN", "NT" and "TN".
-static int batched_sgemm(char ta, char tb, int ndim, const int64_t *a_shape, const int64_t *b_shape,
-                         const float *a, const float *b, float *c) {
-  const sgemm_fn sgemm = dnnl_sgemm_fn();
-  if (sgemm == nullptr || ndim < 2) return 1;
-  const int64_t a0 = a_shape[ndim - 2], a1 = a_shape[ndim - 1], b0 = b_shape[ndim - 2], b1 = b_shape[ndim - 1];
-  const int64_t m = ta == 'T' ? a1 : a0, k = ta == 'T' ? a0 : a1, n = tb == 'T' ? b0 : b1;
-  const int64_t batch = numel(ndim - 2, a_shape);
-  int status = 0;
+// ---- Attention products straight from the qkv projection's output, (B, N, 3, heads, head_dim): head h
+// of q, k or v in sample b is an (N, head_dim) matrix whose rows lie 3 D floats apart, which sgemm reads
+// in place (lda = 3 D). No head split, no transpose, no q/k/v copies, forward or backward. One sgemm per
+// (sample, head), those split over the OpenMP threads.
+struct Heads {
+  int64_t batch, n, heads, dim;                  // B, N, heads, head_dim
+  int64_t row() const { return 3 * heads * dim; }  // floats between token rows of qkv
+  int64_t count() const { return batch * heads; }
+  // the (N, head_dim) matrix of q (part 0), k (1) or v (2) for pair i = b * heads + h
+  int64_t at(int64_t i, int part) const { return (i / heads) * n * row() + part * heads * dim + (i % heads) * dim; }
+  int64_t square(int64_t i) const { return i * n * n; }                                  // in (B, heads, N, N)
+  int64_t out(int64_t i) const { return (i / heads) * n * heads * dim + (i % heads) * dim; }  // in (B, N, heads, head_dim)
+};
+
+static bool qkv_heads(int ndim, const int64_t *shape, Heads *h) {
+  if (ndim != 5 || shape[2] != 3) return false;
+  *h = Heads{shape[0], shape[1], shape[3], shape[4]};
+  return true;
+}
+
+// Every (sample, head) pair through `body(i)`, which returns sgemm's status.
+template <typename F>
+static int for_each_head(const Heads &h, F body) {
+  int status = dnnl_sgemm_fn() == nullptr ? 1 : 0;
+  if (status != 0) return status;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < batch; ++i)
-    if (sgemm(ta, tb, m, n, k, 1.0f, a + i * a0 * a1, a1, b + i * b0 * b1, b1, 0.0f, c + i * m * n, n) != 0)
-      status = 1;
+  for (int64_t i = 0; i < h.count(); ++i)
+    if (body(i) != 0) status = 1;
   return status;
 }
 
-#define BATCHED_KERNEL(name, ta, tb)                                                                 \
-  extern "C" std::vector<int64_t> name##InferShape(int *ndims, int64_t **shapes, void *extra) {      \
-    const int nd = ndims[0];                                                                         \
-    std::vector<int64_t> out(shapes[0], shapes[0] + nd);                                             \
-    out[nd - 2] = ta == 'T' ? shapes[0][nd - 1] : shapes[0][nd - 2];                                 \
-    out[nd - 1] = tb == 'T' ? shapes[1][nd - 2] : shapes[1][nd - 1];                                 \
-    return out;                                                                                      \
-  }                                                                                                  \
-  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, \
-                      void *stream, void *extra) {                                                   \
-    if (nparam != 3 || ndims[0] != ndims[1] || !all_float32(nparam, dtypes)) return 1;               \
-    return batched_sgemm(ta, tb, ndims[0], shapes[0], shapes[1], static_cast<const float *>(params[0]), \
-                         static_cast<const float *>(params[1]), static_cast<float *>(params[2]));    \
-  }
+// (qkv, scale[1]) -> scores (B, heads, N, N) = scale q k^T
+extern "C" std::vector<int64_t> AttentionScoresInferShape(int *ndims, int64_t **shapes, void *extra) {
+  const int64_t *s = shapes[0];
+  return std::vector<int64_t>{s[0], s[3], s[1], s[1]};
+}
+extern "C" int AttentionScores(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  Heads h;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[0], shapes[0], &h)) return 1;
+  const float *qkv = static_cast<const float *>(params[0]);
+  const float scale = *static_cast<const float *>(params[1]);
+  float *scores = static_cast<float *>(params[2]);
+  return for_each_head(h, [&](int64_t i) {
+    return dnnl_sgemm_fn()('N', 'T', h.n, h.n, h.dim, scale, qkv + h.at(i, 0), h.row(), qkv + h.at(i, 1), h.row(),
+                           0.0f, scores + h.square(i), h.n);
+  });
+}
 
-BATCHED_KERNEL(BatchedNN, 'N', 'N')  // a b
-BATCHED_KERNEL(BatchedNT, 'N', 'T')  // a b^T
-BATCHED_KERNEL(BatchedTN, 'T', 'N')  // a^T b
+// (scores' gradient dS, qkv, scale[1]) -> d qkv: dq = scale dS k, dk = scale dS^T q, dv = 0
+extern "C" std::vector<int64_t> AttentionScoresGradInferShape(int *ndims, int64_t **shapes, void *extra) {
+  return std::vector<int64_t>(shapes[1], shapes[1] + ndims[1]);
+}
+extern "C" int AttentionScoresGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  Heads h;
+  if (nparam != 4 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[1], shapes[1], &h)) return 1;
+  const float *ds = static_cast<const float *>(params[0]), *qkv = static_cast<const float *>(params[1]);
+  const float scale = *static_cast<const float *>(params[2]);
+  float *dqkv = static_cast<float *>(params[3]);
+  return for_each_head(h, [&](int64_t i) {
+    for (int64_t t = 0; t < h.n; ++t) std::memset(dqkv + h.at(i, 2) + t * h.row(), 0, h.dim * sizeof(float));
+    return dnnl_sgemm_fn()('N', 'N', h.n, h.dim, h.n, scale, ds + h.square(i), h.n, qkv + h.at(i, 1), h.row(), 0.0f,
+                           dqkv + h.at(i, 0), h.row()) |
+           dnnl_sgemm_fn()('T', 'N', h.n, h.dim, h.n, scale, ds + h.square(i), h.n, qkv + h.at(i, 0), h.row(), 0.0f,
+                           dqkv + h.at(i, 1), h.row());
+  });
+}
+
+// (probs (B, heads, N, N), qkv) -> probs v, as (B, N, heads, head_dim): the heads already merged
+extern "C" std::vector<int64_t> AttentionValuesInferShape(int *ndims, int64_t **shapes, void *extra) {
+  const int64_t *s = shapes[1];
+  return std::vector<int64_t>{s[0], s[1], s[3], s[4]};
+}
+extern "C" int AttentionValues(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  Heads h;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[1], shapes[1], &h)) return 1;
+  const float *probs = static_cast<const float *>(params[0]), *qkv = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  return for_each_head(h, [&](int64_t i) {
+    return dnnl_sgemm_fn()('N', 'N', h.n, h.dim, h.n, 1.0f, probs + h.square(i), h.n, qkv + h.at(i, 2), h.row(),
+                           0.0f, out + h.out(i), h.heads * h.dim);
+  });
+}
+
+// (dO (B, N, heads, head_dim), qkv) -> d probs = dO v^T, (B, heads, N, N)
+extern "C" std::vector<int64_t> AttentionValuesGradProbsInferShape(int *ndims, int64_t **shapes, void *extra) {
+  const int64_t *s = shapes[1];
+  return std::vector<int64_t>{s[0], s[3], s[1], s[1]};
+}
+extern "C" int AttentionValuesGradProbs(int nparam, void **params, int *ndims, int64_t **shapes,
+                                        const char **dtypes, void *stream, void *extra) {
+  Heads h;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[1], shapes[1], &h)) return 1;
+  const float *dout = static_cast<const float *>(params[0]), *qkv = static_cast<const float *>(params[1]);
+  float *dprobs = static_cast<float *>(params[2]);
+  return for_each_head(h, [&](int64_t i) {
+    return dnnl_sgemm_fn()('N', 'T', h.n, h.n, h.dim, 1.0f, dout + h.out(i), h.heads * h.dim, qkv + h.at(i, 2),
+                           h.row(), 0.0f, dprobs + h.square(i), h.n);
+  });
+}
+
+// (probs, dO (B, N, heads, head_dim)) -> d qkv: dv = probs^T dO, dq = dk = 0
+extern "C" std::vector<int64_t> AttentionValuesGradQKVInferShape(int *ndims, int64_t **shapes, void *extra) {
+  const int64_t *s = shapes[1];
+  return std::vector<int64_t>{s[0], s[1], 3, s[2], s[3]};
+}
+extern "C" int AttentionValuesGradQKV(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  if (nparam != 3 || ndims[1] != 4 || !all_float32(nparam, dtypes)) return 1;
+  const Heads h{shapes[1][0], shapes[1][1], shapes[1][2], shapes[1][3]};
+  const float *probs = static_cast<const float *>(params[0]), *dout = static_cast<const float *>(params[1]);
+  float *dqkv = static_cast<float *>(params[2]);
+  return for_each_head(h, [&](int64_t i) {
+    for (int64_t t = 0; t < h.n; ++t)
+      for (int part = 0; part < 2; ++part) std::memset(dqkv + h.at(i, part) + t * h.row(), 0, h.dim * sizeof(float));
+    return dnnl_sgemm_fn()('T', 'N', h.n, h.dim, h.n, 1.0f, probs + h.square(i), h.n, dout + h.out(i),
+                           h.heads * h.dim, 0.0f, dqkv + h.at(i, 2), h.row());
+  });
+}
 #endif
 
 // ---- Softmax over the last axis. MindSpore expands its backward into Mul, ReduceSum, Sub, Mul over the
@@ -499,8 +585,9 @@ extern "C" int SoftmaxGrad(int nparam, void **params, int *ndims, int64_t **shap
 
 // ---- Axis permutations that keep the last axis in place: rows of the last axis are copied whole.
 // MindSpore's CPU Transpose builds an int64 offset table for every element when the graph compiles
-// and keeps it for the life of the graph: 2x the tensor's bytes per Transpose, ~1.7 GB of a ViT-S/16
-// training graph at batch 16 (eight head transposes per block, forward and backward).
+// and keeps it for the life of the graph: 2x the tensor's bytes per Transpose. Heads split by Transposes
+// (eight per block, forward and backward) held ~1.7 GB of a ViT-S/16 training graph at batch 16; the
+// attention kernels need no split, and the patch embedding's permutation is this kernel.
 
 // out[o] = in[perm(o)] for a tensor of `ndim` axes whose last axis stays last; perm[i] is the input
 // axis that output axis i takes.
@@ -536,8 +623,6 @@ static void permute_rows(const float *in, float *out, int ndim, const int64_t *i
     return 0;                                                                                        \
   }
 
-// (B, N, heads, head_dim) <-> (B, heads, N, head_dim): its own inverse.
-PERMUTE_KERNEL(SwapHeads, 4, 0, 2, 1, 3)
 // (B, C, H/p, p, W/p, p) -> (B, H/p, W/p, C, p, p): the patches of an image, each in the conv weight's order.
 PERMUTE_KERNEL(Patchify, 6, 0, 2, 4, 1, 3, 5)
 // (B, H/p, W/p, C, p, p) -> (B, C, H/p, p, W/p, p): the inverse (Patchify's backward).
@@ -694,21 +779,26 @@ def linear_kernel():
     return _custom(library, "Linear", 3, bprop)
 
 
-def batched_matmul_kernels():
-    """`(a_bt, ab)`: `a_bt(a, b) -> a @ b^T` and `ab(a, b) -> a @ b` over the last two axes of equal-rank
-    float32 tensors (the attention products), on oneDNN's sgemm with their backward; None if unavailable."""
+def attention_kernels():
+    """`(scores, values)` on the qkv projection's output viewed as (B, N, 3, heads, head_dim), in place:
+    `scores(qkv, scale) -> scale q k^T` (B, heads, N, N), with `scale` a float32 tensor of shape (1,), and
+    `values(probs, qkv) -> probs v` as (B, N, heads, head_dim), the heads already merged. oneDNN's sgemm,
+    with their backward; None where the MindSpore wheel has no oneDNN or no compiler."""
     library = _cpu_library()
     if library is None or dnnl_library() is None:
         return None
-    nn_, nt, tn = (_custom(library, name, 2) for name in ("BatchedNN", "BatchedNT", "BatchedTN"))
+    scores_grad = _custom(library, "AttentionScoresGrad", 3)
+    values_grad_probs = _custom(library, "AttentionValuesGradProbs", 2)
+    values_grad_qkv = _custom(library, "AttentionValuesGradQKV", 2)
 
-    def bprop_nt(a, b, out, dout):  # c = a b^T: da = dc b, db = dc^T a
-        return nn_(dout, b), tn(dout, a)
+    def scores_bprop(qkv, scale, out, dout):
+        return scores_grad(dout, qkv, scale), ops.zeros_like(scale)
 
-    def bprop_nn(a, b, out, dout):  # c = a b: da = dc b^T, db = a^T dc
-        return nt(dout, b), tn(a, dout)
+    def values_bprop(probs, qkv, out, dout):
+        return values_grad_probs(dout, qkv), values_grad_qkv(probs, dout)
 
-    return _custom(library, "BatchedNT", 2, bprop_nt), _custom(library, "BatchedNN", 2, bprop_nn)
+    return (_custom(library, "AttentionScores", 2, scores_bprop),
+            _custom(library, "AttentionValues", 2, values_bprop))
 
 
 def softmax_kernel():
@@ -722,22 +812,6 @@ def softmax_kernel():
         return (grad(out, dout),)
 
     return _custom(library, "Softmax", 1, bprop)
-
-
-def swap_heads_kernel():
-    """`op(x) -> x.transpose(0, 2, 1, 3)` for 4-D float32 `x`, its own backward; None if unavailable.
-
-    Splits tokens (B, N, heads, head_dim) into heads (B, heads, N, head_dim) and merges them back,
-    without the per-element offset table MindSpore's CPU Transpose keeps for the graph's lifetime."""
-    library = _cpu_library()
-    if library is None:
-        return None
-    grad = _custom(library, "SwapHeads", 1)
-
-    def bprop(x, out, dout):
-        return (grad(dout),)
-
-    return _custom(library, "SwapHeads", 1, bprop)
 
 
 def patchify_kernel():
@@ -754,6 +828,5 @@ def patchify_kernel():
     return _custom(library, "Patchify", 1, bprop)
 
 
-__all__ = ["gelu_kernel", "layer_norm_kernel", "add_bias_kernel", "linear_kernel", "batched_matmul_kernels",
-           "softmax_kernel", "swap_heads_kernel", "patchify_kernel",
-           "build_library", "cache_dir"]
+__all__ = ["gelu_kernel", "layer_norm_kernel", "add_bias_kernel", "linear_kernel", "attention_kernels",
+           "softmax_kernel", "patchify_kernel", "build_library", "cache_dir"]

@@ -12,10 +12,12 @@ declared where its layer is built.
 
 Every Cell takes `fast` (default True): the same math and parameters computed the way MindSpore's CPU
 backend runs fastest, within float32 rounding (1e-5 on logits) of the plain path (`fast=False`), which
-spells each step with the obvious op: the patch embedding as a matrix product instead of a strided
-`Conv2d` (~100x faster on CPU), q/k/v as three 4-D tensors instead of one 5-D transpose, and GELU,
-LayerNorm and the Dense bias as fused CPU kernels (`vit_ms.kernels`, with their own backward).
-Checkpoints are the same for both paths.
+spells each step with the obvious op. The fast path computes the patch embedding as a matrix product
+instead of a strided `Conv2d` (~100x faster on CPU) and runs on fused CPU kernels (`vit_ms.kernels`,
+each with its own backward): the Dense layers and the attention products on oneDNN's sgemm, attention
+reading q, k and v in place in the qkv output (no head split, no transposes), softmax, GELU, LayerNorm
+and the patch permutation. A kernel that cannot be built leaves its step to the plain op. Checkpoints
+are the same for both paths.
 
 The model knows nothing of checkpoints, data or training: see `vit_ms.checkpoint` for weights.
 """
@@ -28,8 +30,8 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import Normal, TruncatedNormal, XavierUniform, Zero, initializer
 
 from .config import ViTConfig, get_config
-from .kernels import (add_bias_kernel, batched_matmul_kernels, gelu_kernel, layer_norm_kernel, linear_kernel,
-                      patchify_kernel, softmax_kernel, swap_heads_kernel)
+from .kernels import (add_bias_kernel, attention_kernels, gelu_kernel, layer_norm_kernel, linear_kernel,
+                      patchify_kernel, softmax_kernel)
 
 
 class _FastDense(nn.Dense):
@@ -123,27 +125,11 @@ class PatchEmbed(nn.Cell):
         return x.reshape(-1, (h // p) * (w // p), self.embed_dim)  # -> (B, N, D)
 
 
-class _SwapHeads(nn.Cell):
-    """(B, N, heads, head_dim) <-> (B, heads, N, head_dim). MindSpore's CPU Transpose keeps an int64 offset
-    table per element for the graph's lifetime (2x the tensor: ~1.7 GB of a ViT-S/16 training graph at
-    batch 16); the kernel copies rows of head_dim instead."""
-
-    def __init__(self, fast: bool = True):
-        super().__init__()
-        self.kernel = swap_heads_kernel() if fast else None
-
-    def construct(self, x):
-        if self.kernel is None:
-            return x.transpose(0, 2, 1, 3)
-        return self.kernel(x)
-
-
 class Attention(nn.Cell):
     """Multi-head self-attention with one fused qkv projection."""
 
     def __init__(self, config: ViTConfig, fast: bool = True):
         super().__init__()
-        self.fast = fast
         self.embed_dim = config.embed_dim
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
@@ -151,39 +137,45 @@ class Attention(nn.Cell):
         self.qkv = _dense(config.embed_dim, 3 * config.embed_dim, fast=fast)
         self.attn_drop = nn.Dropout(p=config.attention_dropout)
         self.proj = _dense(config.embed_dim, config.embed_dim, fast=fast)
-        self.swap_heads = _SwapHeads(fast)
-        # q k^T (without materialising k^T) and probs v: oneDNN's sgemm where the wheel has it.
-        kernels = batched_matmul_kernels() if fast else None
-        self.scores, self.weighted_sum = kernels or (ops.BatchMatMul(transpose_b=True), ops.BatchMatMul())
+        # The fast path reads q, k and v where the qkv projection wrote them: no head split, no transposes
+        # (MindSpore's CPU Transpose holds an offset table of 2x the tensor for the graph's lifetime).
+        kernels = attention_kernels() if fast else None
+        self.scores_kernel, self.values_kernel = kernels or (None, None)
+        self.scale_tensor = ms.Tensor([self.scale], ms.float32)
         self.softmax = softmax_kernel() if fast else None
 
+    def split_qkv(self, x):
+        """Tokens (B, N, D) -> qkv (B, N, 3, heads, head_dim), a view of the projection's output."""
+        return self.qkv(x).reshape(-1, x.shape[1], 3, self.num_heads, self.head_dim)
+
+    def scores(self, qkv):
+        """q k^T / sqrt(d_h): (B, heads, N, N)."""
+        if self.scores_kernel is not None:
+            return self.scores_kernel(qkv, self.scale_tensor)
+        q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (B, heads, N, head_dim)
+        k = qkv[:, :, 1].transpose(0, 2, 3, 1)  # (B, heads, head_dim, N)
+        return ops.matmul(q * self.scale, k)
+
+    def weighted_values(self, probs, qkv):
+        """probs v with the heads merged again: (B, N, heads, head_dim)."""
+        if self.values_kernel is not None:
+            return self.values_kernel(probs, qkv)
+        v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, heads, N, head_dim)
+        return ops.matmul(probs, v).swapaxes(1, 2)
+
     def attention_probs(self, x):
-        """softmax(q k^T / sqrt(d_h)) and v, from tokens x of shape (B, N, D)."""
-        n = x.shape[1]
-        if self.fast:
-            # Three 4-D head splits, not one 5-D transpose (~20x slower on MindSpore's CPU backend).
-            q, k, v = ops.split(self.qkv(x), self.embed_dim, axis=-1)  # 3 x (B, N, D)
-            q, k, v = (self.swap_heads(t.reshape(-1, n, self.num_heads, self.head_dim)) for t in (q, k, v))
-            scores = self.scores(q * self.scale, k)  # (B, heads, N, N)
-        else:
-            qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim)
-            qkv = qkv.transpose(2, 0, 3, 1, 4)  # -> (3, B, heads, N, head_dim)
-            q, k, v = qkv[0], qkv[1].swapaxes(-1, -2), qkv[2]
-            scores = ops.matmul(q * self.scale, k)  # (B, heads, N, N)
-        if self.softmax is None:
-            return ops.softmax(scores, axis=-1), v
-        return self.softmax(scores), v
+        """softmax(q k^T / sqrt(d_h)) from tokens x (B, N, D): (B, heads, N, N)."""
+        return self.softmax_probs(self.scores(self.split_qkv(x)))
+
+    def softmax_probs(self, scores):
+        return ops.softmax(scores, axis=-1) if self.softmax is None else self.softmax(scores)
 
     def construct(self, x):
         _, n, d = x.shape
-        probs, v = self.attention_probs(x)
-        if self.fast:
-            # BatchMatMul, not ops.matmul: the latter's backward adds Transposes (and their offset tables).
-            x = self.swap_heads(self.weighted_sum(self.attn_drop(probs), v))  # -> (B, N, heads, head_dim)
-        else:
-            x = ops.matmul(self.attn_drop(probs), v).swapaxes(1, 2)  # (B, heads, N, head_dim) -> (B, N, heads, head_dim)
-        x = x.reshape(-1, n, d)  # -> (B, N, D)
-        return self.proj(x)
+        qkv = self.split_qkv(x)
+        probs = self.softmax_probs(self.scores(qkv))
+        x = self.weighted_values(self.attn_drop(probs), qkv)  # (B, N, heads, head_dim)
+        return self.proj(x.reshape(-1, n, d))  # heads concatenated, then projected
 
 
 class GELU(nn.Cell):

@@ -134,7 +134,7 @@ def attention_rollout(net, images: np.ndarray) -> np.ndarray:
         eye = np.eye(x.shape[1])
         rollout = None
         for block in net.blocks:
-            probs, _ = block.attn.attention_probs(block.norm1(x))  # (B, heads, N + 1, N + 1)
+            probs = block.attn.attention_probs(block.norm1(x))  # (B, heads, N + 1, N + 1)
             a = probs.asnumpy().astype(np.float64).mean(axis=1) + eye
             a /= a.sum(axis=-1, keepdims=True)
             rollout = a if rollout is None else a @ rollout  # later blocks act on earlier blocks' mixing
