@@ -3,9 +3,8 @@
 Inference and one training step (cross-entropy + AdamW) for each preset and batch size, MindSpore
 graph mode and PyTorch eager side by side. `mindspore` compiles for the batch size it is given (as
 training with `drop_remainder` does); `mindspore-dynamic` declares a dynamic batch dimension
-(`vit_ms.set_dynamic_batch`: one graph for every batch size, ~1.7x slower per step in MindSpore 2.10 on
-CPU, which re-infers shapes op by op at run time); `mindspore-plain` is `fast=False`. Every measurement runs in its own
-subprocess, so peak RSS (`ru_maxrss`) is that framework's alone, and the frameworks alternate round by
+(`vit_ms.set_dynamic_batch`: one graph for every batch size); `mindspore-plain` is `fast=False`.
+Every measurement runs in its own subprocess, so peak RSS (`ru_maxrss`) is that framework's alone, and the frameworks alternate round by
 round, so a noisy machine slows both alike and the ratio holds. GFLOP/s is counted from the model's
 matrix products (forward 1x, training 3x) and compared with this machine's float32 GEMM peak, measured
 with NumPy. MindSpore's "compile" is the graph compile alone (`Cell.compile`); "first call" adds the

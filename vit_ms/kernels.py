@@ -1,18 +1,24 @@
-"""Fused CPU kernels for the element-wise ops that MindSpore's CPU backend runs slowly.
+"""Fused CPU kernels for the steps of a ViT that MindSpore's CPU backend runs slowly or holds memory for.
 
-MindSpore 2.10 on CPU computes GELU with a scalar `erf`/`tanh` per element, one op at a time: for
-ViT-S/16 at batch 16 one exact GELU takes ~20x as long as PyTorch's vectorised one and, summed over
-the blocks, more time than all the matrix products. These kernels compute GELU (exact erf and tanh
-forms) and its derivative in one vectorised OpenMP pass, with Eigen's float32 rational approximation
-of erf and Cephes' exp (each accurate to a few ulp, the same class of error as PyTorch's own float32 GELU).
+- Dense layers and the attention products on oneDNN's JIT sgemm, which ships inside the MindSpore
+  wheel (`mindspore/lib/libdnnl.so.3`) but which MindSpore's own CPU MatMul does not use. The attention
+  kernels read each head's q, k and v in place in the qkv projection's output, so no head split or
+  Transpose is needed: MindSpore's CPU Transpose keeps a 2x-the-tensor offset table for the graph's life.
+- Softmax, GELU (exact erf and tanh) and LayerNorm in one vectorised OpenMP pass each, forward and
+  backward. MindSpore 2.10 computes GELU with a scalar `erf`/`tanh` per element (~20x PyTorch's time), and
+  expands the softmax and LayerNorm backward into whole-tensor passes. Eigen's float32 rational erf and
+  Cephes' exp are each accurate to a few ulp, the same class of error as PyTorch's own float32 GELU.
+- The patch embedding's permutation, again without Transpose's table.
 
 They are `ops.Custom(func_type="aot")` ops: the C++ source below is compiled once with the system's
 C++ compiler into a cache directory (`$VIT_MS_KERNEL_CACHE`, default `~/.cache/vit_ms/kernels`) and
-loaded by MindSpore. Where no compiler is found, or the device is not the CPU, `gelu_kernel` returns
-None and the model falls back to `ops.gelu`: the kernels are a speed-up, never a requirement.
+loaded by MindSpore. Where no compiler is found, or the device is not the CPU, every `*_kernel` factory
+returns None, and so do the sgemm ones where the wheel has no oneDNN. The model then uses MindSpore's
+built-in op for that step: the kernels are a speed-up, never a requirement.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -638,10 +644,14 @@ _library: Optional[str] = None
 _failed = False
 
 
+@functools.lru_cache(maxsize=None)
 def dnnl_library() -> Optional[Path]:
     """The oneDNN library inside the MindSpore wheel (`mindspore/lib/libdnnl.so.3`), or None."""
     path = Path(ms.__file__).parent / "lib" / "libdnnl.so.3"
-    return path if path.is_file() else None
+    if not path.is_file():
+        logger.warning("%s not found: vit_ms runs Dense layers and attention on MindSpore's slower MatMul", path)
+        return None
+    return path
 
 
 def _defines_and_libs() -> tuple:
@@ -668,7 +678,7 @@ def build_library() -> Optional[str]:
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        logger.warning("no C++ compiler (g++) found: vit_ms uses MindSpore's slower built-in GELU on CPU")
+        logger.warning("no C++ compiler (g++) found: vit_ms uses MindSpore's slower built-in ops on CPU")
         _failed = True
         return None
     defines, libs = _defines_and_libs()
@@ -687,7 +697,7 @@ def build_library() -> Optional[str]:
         except (OSError, subprocess.SubprocessError) as err:
             detail = getattr(err, "stderr", "") or err
             logger.warning("could not build the vit_ms CPU kernels in %s (%s): using MindSpore's built-in "
-                           "GELU", target.parent, detail)
+                           "ops", target.parent, detail)
             _failed = True
             return None
     _library = str(target)
