@@ -157,3 +157,25 @@ def test_without_a_compiler_the_model_falls_back_to_builtin_gelu(monkeypatch, tm
     plain.set_train(False)
     x = ms.Tensor(_images(2, seed=9))
     np.testing.assert_allclose(fast(x).asnumpy(), plain(x).asnumpy(), rtol=0, atol=1e-5)
+
+
+def test_without_onednn_the_dense_and_attention_steps_fall_back(monkeypatch, tmp_path, caplog):
+    # A MindSpore wheel without lib/libdnnl.so.3: the kernels build without the sgemm ones, and the model
+    # runs Dense on MindSpore's MatMul and attention on its plain ops, with the same logits.
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setenv("VIT_MS_KERNEL_CACHE", str(tmp_path / "cache"))
+    kernels.dnnl_library.cache_clear()
+    monkeypatch.setattr(kernels.ms, "__file__", str(tmp_path / "mindspore" / "__init__.py"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="vit_ms.kernels"):
+            assert kernels.linear_kernel() is None and kernels.attention_kernels() is None
+        assert "libdnnl.so.3 not found" in caplog.text
+        assert kernels.gelu_kernel(False) is not None  # the other kernels still build
+        fast, plain = _randomized_pair(SMALL, seed=10)
+        assert fast.blocks[0].attn.scores_kernel is None and fast.blocks[0].mlp.fc1.linear is None
+        fast.set_train(False)
+        plain.set_train(False)
+        x = ms.Tensor(_images(2, seed=11))
+        np.testing.assert_allclose(fast(x).asnumpy(), plain(x).asnumpy(), rtol=0, atol=1e-5)
+    finally:
+        kernels.dnnl_library.cache_clear()
