@@ -168,6 +168,7 @@ class Attention(nn.Cell):
         return self.softmax_probs(self.scores(self.split_qkv(x)))
 
     def softmax_probs(self, scores):
+        """Softmax over the keys (last axis)."""
         return ops.softmax(scores, axis=-1) if self.softmax is None else self.softmax(scores)
 
     def construct(self, x):
