@@ -655,7 +655,8 @@ def dnnl_library() -> Optional[Path]:
 
 
 def _defines_and_libs() -> tuple:
-    """Extra compiler flags: the Dense kernels where the wheel has oneDNN (loaded with dlopen, hence -ldl)."""
+    """Extra compiler flags: the sgemm kernels (Dense, attention) where the wheel has oneDNN, loaded with
+    dlopen (hence -ldl)."""
     dnnl = dnnl_library()
     return ([f'-DVIT_MS_DNNL_PATH="{dnnl}"'], ["-ldl"]) if dnnl is not None else ([], [])
 
