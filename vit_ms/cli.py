@@ -3,8 +3,31 @@
 Imports nothing heavy, so a script's `--help` answers before MindSpore is loaded.
 """
 import argparse
+import difflib
+import re
 
 DEVICES = ("CPU", "GPU", "Ascend")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with exact flags: no prefix matching (`--epoch` is not `--epochs`), and an unknown flag is
+    answered with the nearest valid one ("did you mean --epochs?"), exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        unknown = re.findall(r"(--?[A-Za-z][\w-]*)", message) if "unrecognized arguments" in message else []
+        known = [opt for action in self._actions for opt in action.option_strings]
+        hints = []
+        for flag in unknown:
+            close = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{flag}: did you mean {close[0]}?")
+        if hints:
+            message = f"{message} ({'; '.join(hints)})"
+        super().error(message)
 
 
 def add_model_source_arguments(parser: argparse.ArgumentParser, mindir: bool = False) -> None:
