@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             add("file check (Pillow, before epoch 1)", workers, time.perf_counter() - start)
             for name, training in (("vit_ms train", True), ("vit_ms eval", False)):
                 best = min(time_pass(create_dataset(root, "train", preprocess, args.batch_size, training=training,
-                                                    num_workers=workers, check=False))
+                                                    num_workers=workers, check=False)[0])
                            for _ in range(args.repeats))
                 add(name, workers, best)
             folder = ds.ImageFolderDataset(str(root / "train"), shuffle=False, num_parallel_workers=workers)

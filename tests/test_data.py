@@ -83,12 +83,12 @@ def test_pipelines_yield_exactly_the_good_images_in_rgb_and_write_nothing(tmp_pa
     cwd.mkdir()
     monkeypatch.chdir(cwd)
 
-    dataset = data.create_dataset(tmp_path / "data", "train", RAW, 3, training=False, num_workers=2)
+    dataset, info = data.create_dataset(tmp_path / "data", "train", RAW, 3, training=False, num_workers=2)
     images, labels = _collect(dataset)
     assert images.shape == (7, 3, 16, 16) and images.dtype == np.float32
     assert labels.dtype == np.int32
-    assert sorted(Path(p).name for p, _ in dataset.skipped) == sorted(_bad_names())
-    assert dataset.class_names == ["a", "b"]
+    assert sorted(Path(p).name for p, _ in info.skipped) == sorted(_bad_names())
+    assert info.class_names == ("a", "b") and info.num_images == 7 and info.split == "train"
     got = {}
     for image, label in zip(images, labels):
         assert np.ptp(image, axis=(1, 2)).max() < 1e-3, "a flat image stays flat through resize and crop"
@@ -99,7 +99,7 @@ def test_pipelines_yield_exactly_the_good_images_in_rgb_and_write_nothing(tmp_pa
         match = [c for c in got if max(abs(x - y) for x, y in zip(c, colour)) <= 3]
         assert len(match) == 1 and got[match[0]] == label, (colour, got)
 
-    train = data.create_dataset(tmp_path / "data", "train", RAW, 3, num_workers=2)
+    train, _ = data.create_dataset(tmp_path / "data", "train", RAW, 3, num_workers=2)
     images, labels = _collect(train)
     assert images.shape == (6, 3, 16, 16) and labels.dtype == np.int32  # 7 good, drop_remainder
     assert os.listdir(cwd) == [], "the pipeline wrote into the working directory"
@@ -193,7 +193,7 @@ def test_shards_are_disjoint_and_cover_the_split(tmp_path):
     seen = []
     for shard in range(2):
         images, _ = _collect(data.create_dataset(tmp_path, "train", RAW, 1, training=False, num_shards=2,
-                                                 shard_id=shard, num_workers=1))
+                                                 shard_id=shard, num_workers=1)[0])
         seen.append({tuple(im[:, 0, 0].round().astype(int)) for im in images})
     assert seen[0].isdisjoint(seen[1])
     assert seen[0] | seen[1] == {tuple(c) for c in colours}

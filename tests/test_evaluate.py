@@ -58,7 +58,7 @@ def test_eval_cli_equals_a_hand_computation_from_the_logits(tmp_path, val_set):
     net.set_train(False)
     classifier = load_classifier(ckpt)
     logits, labels = [], []
-    dataset = data.create_dataset(val_set, "val", classifier.preprocess, 5, training=False, class_names=CLASS_NAMES)
+    dataset, _ = data.create_dataset(val_set, "val", classifier.preprocess, 5, training=False, class_names=CLASS_NAMES)
     for batch in dataset.create_dict_iterator(output_numpy=True):
         logits.append(net(ms.Tensor(batch["image"])).asnumpy())
         labels.append(batch["label"])

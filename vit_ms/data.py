@@ -28,6 +28,7 @@ import sys
 import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -48,6 +49,17 @@ _DECODABLE_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF"}
 _INTERPOLATIONS = {"nearest": vision.Inter.NEAREST, "bilinear": vision.Inter.BILINEAR,
                    "bicubic": vision.Inter.BICUBIC, "area": vision.Inter.AREA,
                    "lanczos": vision.Inter.ANTIALIAS}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What `create_dataset` found: the label order, the images it reads and the files it left out."""
+
+    root: Path  # the dataset root
+    split: str  # "train", "val", ...
+    class_names: Tuple[str, ...]  # label i is class_names[i]
+    num_images: int  # readable images in this split (all shards together)
+    skipped: Tuple[Tuple[Path, str], ...] = ()  # (file, reason) of each unreadable image left out
 
 
 class DatasetError(ValueError):
@@ -276,12 +288,13 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
                    num_workers: Optional[int] = None, num_shards: Optional[int] = None,
                    shard_id: Optional[int] = None, shuffle: Optional[bool] = None,
                    drop_remainder: Optional[bool] = None, class_names: Optional[Sequence[str]] = None,
-                   check: bool = True, crop_scale=(0.08, 1.0), crop_ratio=(0.75, 1.333)) -> ds.Dataset:
+                   check: bool = True, crop_scale=(0.08, 1.0), crop_ratio=(0.75, 1.333)
+                   ) -> Tuple[ds.Dataset, DatasetInfo]:
     """Batches of ("image" float32 (B, 3, S, S), "label" int32 (B,)) from ROOT/split.
 
     Every image file is checked first (see `check_image`); unreadable ones are skipped and counted in a
-    warning, so a bad file never stops an epoch. The returned dataset carries `.class_names` and
-    `.skipped` (list of (path, reason)).
+    warning, so a bad file never stops an epoch. Returns the dataset and a `DatasetInfo` (label order,
+    image count, the files left out).
 
     Args:
         root: dataset root holding one folder per split.
@@ -338,9 +351,9 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
                   else eval_transforms(preprocess))
     dataset = dataset.map(transforms, input_columns="image", num_parallel_workers=workers)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset.class_names = names
-    dataset.skipped = skipped
-    return dataset
+    info = DatasetInfo(root=Path(root), split=split, class_names=tuple(names), num_images=len(samples),
+                       skipped=tuple((Path(p), r) for p, r in skipped))
+    return dataset, info
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -640,7 +653,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__ = ["IMAGE_EXTENSIONS", "SAMPLE_CLASSES", "TUTORIAL_URL", "DatasetError", "UnreadableImageError",
+__all__ = ["DatasetInfo", "IMAGE_EXTENSIONS", "SAMPLE_CLASSES", "TUTORIAL_URL", "DatasetError", "UnreadableImageError",
            "class_names", "create_dataset", "scan_split", "check_image", "verify_images", "list_images",
            "is_image_file", "load_image", "preprocess_image", "eval_transforms", "train_transforms",
            "default_data_root", "ensure_sample_dataset", "download_tutorial_dataset"]

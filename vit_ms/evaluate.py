@@ -230,7 +230,7 @@ def evaluate_folder(classifier: Classifier, root, split: str = "val", batch_size
         if len(names) != num_classes:
             raise ValueError(f"{split_dir} has {len(names)} class folders but the model has {num_classes} "
                              f"outputs and stores no class names to match them by")
-    dataset = data.create_dataset(root, split, classifier.preprocess, batch_size, training=False,
+    dataset, _ = data.create_dataset(root, split, classifier.preprocess, batch_size, training=False,
                                   num_workers=num_workers, class_names=names)
     return evaluate(classifier.net, dataset, num_classes, classifier.labels)
 

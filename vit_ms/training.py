@@ -578,16 +578,16 @@ def _train(cfg: TrainConfig, out: Path, rank: int, group_size: int, writer: bool
                         drop_path_rate=cfg.drop_path_rate, **cfg.model_overrides)
     preprocess = Preprocess.for_model(config)
     shard = dict(num_shards=group_size, shard_id=rank) if cfg.distributed else {}
-    train_ds = data.create_dataset(root, "train", preprocess, cfg.batch_size, training=cfg.augment, shuffle=True,
+    train_ds, train_info = data.create_dataset(root, "train", preprocess, cfg.batch_size, training=cfg.augment, shuffle=True,
                                    drop_remainder=True, num_workers=cfg.num_workers, class_names=classes,
                                    crop_scale=(cfg.crop_min_scale, 1.0), **shard)
-    val_ds = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False,
+    val_ds, val_info = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False,
                                  num_workers=cfg.num_workers, class_names=classes)
     # create_dataset decodes every file before the first epoch, leaves out the unreadable ones and warns
     # with their count and names; here we only confirm a clean split.
-    for split, dataset in (("train", train_ds), ("val", val_ds)):
-        if not getattr(dataset, "skipped", []):
-            logger.info("%s: every image decodes (checked before the first epoch)", split)
+    for info in (train_info, val_info):
+        if not info.skipped:
+            logger.info("%s: every image decodes (checked before the first epoch)", info.split)
     steps_per_epoch = train_ds.get_dataset_size()
     if steps_per_epoch == 0:
         raise data.DatasetError(f"{root / 'train'} has fewer images per device than one batch of "
