@@ -1,0 +1,112 @@
+"""The compiled-graph cache: keys that change with everything that shapes a graph, and cached graphs that
+compute exactly what a fresh compile computes, whatever weights the network holds."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vit_ms import graph_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_key_is_stable_and_changes_with_each_input(monkeypatch, tmp_path):
+    base = graph_cache.cache_key("infer", {"model": {"depth": 2}, "batch": 8})
+    assert base == graph_cache.cache_key("infer", {"batch": 8, "model": {"depth": 2}})  # order-free
+    assert base != graph_cache.cache_key("train", {"model": {"depth": 2}, "batch": 8})
+    assert base != graph_cache.cache_key("infer", {"model": {"depth": 3}, "batch": 8})
+
+    # A changed vit_ms source: digest a copy of the package with one byte changed.
+    package = ROOT / "vit_ms"
+    copy = tmp_path / "vit_ms"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert graph_cache.source_digest(str(copy)) == graph_cache.source_digest(str(package))
+    (copy / "model.py").write_bytes((copy / "model.py").read_bytes() + b"\n# edited\n")
+    changed = graph_cache.source_digest(str(copy))
+    assert changed != graph_cache.source_digest(str(package))
+    monkeypatch.setattr(graph_cache, "source_digest", lambda: changed)
+    assert graph_cache.cache_key("infer", {"model": {"depth": 2}, "batch": 8}) != base
+    monkeypatch.undo()
+
+    monkeypatch.setattr(graph_cache, "_mindspore_version", lambda: "9.9.9")
+    assert graph_cache.cache_key("infer", {"model": {"depth": 2}, "batch": 8}) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(graph_cache, "cpu_description", lambda: "x86_64 Other CPU avx2")
+    assert graph_cache.cache_key("infer", {"model": {"depth": 2}, "batch": 8}) != base
+    monkeypatch.undo()
+    monkeypatch.setenv("VIT_MS_FUSED_KERNELS", "0")
+    assert graph_cache.cache_key("infer", {"model": {"depth": 2}, "batch": 8}) != base
+
+
+def test_no_cache_without_an_entry_script(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["-c"])
+    monkeypatch.delenv(graph_cache.SWITCH_ENV, raising=False)
+    monkeypatch.delenv("MS_COMPILER_CACHE_PATH", raising=False)
+    assert graph_cache.enable("infer") is None
+    assert "MS_COMPILER_CACHE_PATH" not in os.environ
+
+
+def test_switched_off_sets_nothing(monkeypatch):
+    monkeypatch.setenv(graph_cache.SWITCH_ENV, "0")
+    monkeypatch.delenv("MS_COMPILER_CACHE_PATH", raising=False)
+    assert graph_cache.enable("infer") is None
+    assert "MS_COMPILER_CACHE_PATH" not in os.environ
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for i in range(5):
+        folder = tmp_path / f"k{i}"
+        folder.mkdir()
+        os.utime(folder, (1000 + i, 1000 + i))
+    graph_cache._prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k3", "k4"]
+
+
+_RUN = """
+import json, sys
+import numpy as np
+import mindspore as ms
+from vit_ms import create_model, graph_cache, set_dynamic_batch
+seed, use_cache = int(sys.argv[1]), sys.argv[2] == "1"
+folder = graph_cache.enable("test", {"seed-independent": True}) if use_cache else None
+ms.set_device("CPU")
+ms.set_context(mode=ms.GRAPH_MODE)
+net = create_model("vit_ti_16", num_classes=5, image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                   mlp_dim=64)
+rng = np.random.default_rng(seed)
+for p in net.get_parameters():
+    p.set_data(ms.Tensor((0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
+set_dynamic_batch(net, net.config)
+net.set_train(False)
+x = ms.Tensor(np.random.default_rng(7).standard_normal((3, 3, 32, 32)).astype(np.float32))
+print(json.dumps({"folder": str(folder), "logits": net(x).asnumpy().tolist()}))
+"""
+
+
+def _run(script: Path, seed: int, use_cache: bool, env: dict) -> dict:
+    done = subprocess.run([sys.executable, str(script), str(seed), "1" if use_cache else "0"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_cached_graph_computes_what_a_fresh_compile_computes(tmp_path):
+    env = {**os.environ, "VIT_MS_HOME": str(tmp_path / "home"), "GLOG_v": "3",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop(graph_cache.SWITCH_ENV, None)
+    script = tmp_path / "run.py"  # MindSpore's cache hashes the entry script: `python -c` has none
+    script.write_text(_RUN)
+    cold = _run(script, 1, True, env)
+    folder = Path(cold["folder"])
+    assert folder.parent == tmp_path / "home" / "graphs"
+    assert list(folder.rglob("*.mindir")), "no graph was cached"
+    # Same key, other weights: the cached graph must run the new parameters, bit for bit as uncached.
+    warm = _run(script, 2, True, env)
+    assert warm["folder"] == cold["folder"]
+    fresh = _run(script, 2, False, env)
+    assert warm["logits"] == fresh["logits"]
+    assert warm["logits"] != cold["logits"]
