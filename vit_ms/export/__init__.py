@@ -16,7 +16,6 @@ and how the file was checked. An existing file is never replaced unless `overwri
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -203,25 +202,27 @@ def export_model(net: nn.Cell, output, metadata: dict, file_format: str = "MINDI
     else:
         shape = [batch_size, config.in_channels, config.image_size, config.image_size]
     data_file = None
-    with contextlib.ExitStack() as cleanup:
+    try:
         # Written and checked under a temporary name: a failed check leaves nothing behind.
-        tmp = cleanup.enter_context(atomic_path(path, suffix=FORMATS[file_format]))
-        if file_format == "ONNX":
-            params = {name: p.asnumpy() for name, p in net.parameters_dict().items()}
-            data_file = write_onnx(config, params, tmp, batch_size, data_name=path.name + ".data")
-            if data_file is not None:
-                cleanup.callback(lambda: None if path.exists() else data_file.unlink(missing_ok=True))
-        elif with_preprocess:
-            write_mindir(WithPreprocess(net, preprocess, report.input_size), tmp, shape, ms.uint8)
-        else:
-            write_mindir(net, tmp, shape)
-        if check:
-            report.checked_batch_sizes = sizes
-            if with_preprocess:
-                report.max_abs_diff, report.pipeline_max_abs_diff = check_preprocess_parity(
-                    tmp, net, preprocess, report.input_size, sizes, atol, check_images)
+        with atomic_path(path, suffix=FORMATS[file_format]) as tmp:
+            if file_format == "ONNX":
+                params = {name: p.asnumpy() for name, p in net.parameters_dict().items()}
+                data_file = write_onnx(config, params, tmp, batch_size, data_name=path.name + ".data")
+            elif with_preprocess:
+                write_mindir(WithPreprocess(net, preprocess, report.input_size), tmp, shape, ms.uint8)
             else:
-                report.max_abs_diff = check_parity(tmp, net, config, file_format, sizes, atol)
+                write_mindir(net, tmp, shape)
+            if check:
+                report.checked_batch_sizes = sizes
+                if with_preprocess:
+                    report.max_abs_diff, report.pipeline_max_abs_diff = check_preprocess_parity(
+                        tmp, net, preprocess, report.input_size, sizes, atol, check_images)
+                else:
+                    report.max_abs_diff = check_parity(tmp, net, config, file_format, sizes, atol)
+    except BaseException:
+        if data_file is not None:  # the weights file of a >2 GB ONNX is written beside, under its name
+            data_file.unlink(missing_ok=True)
+        raise
     logger.info("wrote %s (%s, batch %s)", path, file_format, batch_size or "dynamic")
 
     sidecar_data = dict(metadata)
