@@ -332,7 +332,7 @@ def attention_figure(image, preprocess, heat: np.ndarray, title: str, alpha: flo
     original = figure.add_subplot(grid[0])
     original.set_gid("original")
     original.imshow(view, extent=extent, interpolation="antialiased")
-    original.set_title(f"what the model saw ({crop}\u00d7{crop} centre crop)", fontsize=10)
+    original.set_title(f"the crop the model saw (its {crop}\u00d7{crop} input)", fontsize=10)
     overlay = figure.add_subplot(grid[1])
     overlay.set_gid("overlay")
     overlay.imshow(view, extent=extent, interpolation="antialiased")
