@@ -165,7 +165,8 @@ def jpeg(width, height, seed):
     """A photo-like JPEG (gradient, shapes, noise), decoded back: what a camera would hand over."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
-    pixels = np.stack([255 * xx, 255 * yy, 128 + 100 * np.sin(6 * xx + 3 * yy)], -1) + rng.normal(0, 6, (height, width, 3))
+    pixels = np.stack([255 * xx, 255 * yy, 128 + 100 * np.sin(6 * xx + 3 * yy)], -1)
+    pixels = pixels + rng.normal(0, 6, (height, width, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     draw.ellipse([width // 4, height // 4, 3 * width // 4, 3 * height // 4], fill=tuple(rng.integers(0, 256, 3)))
