@@ -240,13 +240,15 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], out_png, ti
     image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if n <= 60:
-        ax.set_xticks(range(n), labels, rotation=90)
+        long_names = max((len(str(label)) for label in labels), default=0) > 6
+        ax.set_xticks(range(n), labels, rotation=45 if long_names else 0, ha="right" if long_names else "center",
+                      rotation_mode="anchor")
         ax.set_yticks(range(n), labels)
     if n <= 30:
         for i in range(n):
             for j in range(n):
                 if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=11 if n <= 10 else 8,
                             color="white" if fraction[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
