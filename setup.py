@@ -23,7 +23,8 @@ setup(
         "tqdm>=4.60",  # progress bars for training, eval and verification
         "matplotlib>=3.5",  # training curves, confusion matrix, attention maps
     ],
-    # Test-time references only, never imported by vit_ms: PyTorch for numerical parity, onnxruntime
-    # to check ONNX exports.
-    extras_require={"test": ["pytest>=7", "torch==2.13.0", "onnxruntime>=1.16"]},
+    # onnx: export.py --file_format ONNX writes the graph with it (opset 17); onnxruntime checks the file.
+    # test: references only, never imported by vit_ms: PyTorch for numerical parity.
+    extras_require={"onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
+                    "test": ["pytest>=7", "torch==2.13.0", "onnx>=1.14", "onnxruntime>=1.16"]},
 )

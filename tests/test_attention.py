@@ -55,7 +55,8 @@ def test_overlay_png_covers_the_models_view(tmp_path):
     image = random_image(np.random.default_rng(1), size=(80, 50))
     preprocess = Preprocess(image_size=32, crop_pct=0.875)
     view = model_view(image, preprocess)
-    assert view.size == (44, 44)  # the short side 50 times the crop fraction 0.875, centered
+    # The eval geometry: 50 -> resize_size 37, crop 32, i.e. 32 * 50 / 37 = 43.2 original pixels, rounded.
+    assert view.size == (43, 43)
     heat = np.linspace(0, 1, 16).reshape(4, 4)
     out = save_attention_overlay(image, heat, preprocess, tmp_path / "a b's_attention.png")
     with Image.open(out) as im:

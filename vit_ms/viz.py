@@ -1,24 +1,176 @@
-"""Pictures for people: training curves, annotated predictions, confusion matrices, attention rollout.
+"""Pictures for people: annotated predictions, attention maps, training curves, confusion matrices.
 
-Uses matplotlib's non-interactive Agg backend and Pillow; nothing here is needed to train or infer.
+Every picture is drawn with matplotlib's object-oriented API on its own `Figure` with an Agg canvas, so
+importing this module never changes the pyplot backend of the program that imports it, and each file is
+written atomically (`vit_ms.files.atomic_path`). The `*_figure` functions return the `Figure` (titles,
+texts and the crop outline can be inspected); the `save_*` / `plot_*` functions write it to a file.
+
+The crop outline and the attention picture use the eval transform's geometry (`vit_ms.data.eval_transforms`:
+short side resized to `preprocess.resize_size`, centre crop of `preprocess.image_size`), so they show
+exactly the region the model saw. Nothing here is needed to train or infer.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # headless: write files, never open windows
+from .files import atomic_path
 
 logger = logging.getLogger(__name__)
+
+RIGHT_COLOUR, WRONG_COLOUR = "#1a7f37", "#c62828"  # green / red, readable on white
+HEAT_CMAP = "inferno"  # perceptually uniform, dark = little attention, bright = much
+DPI = 100
+
+
+def _figure(width: float, height: float):
+    """A Figure with a non-interactive Agg canvas (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, out_path) -> Path:
+    """Write `figure` to `out_path` atomically; the format follows the suffix (.png, .jpg, ...)."""
+    out_path = Path(out_path)
+    with atomic_path(out_path, suffix=out_path.suffix or ".png") as tmp:
+        figure.savefig(tmp, dpi=DPI)
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The region the model sees
+# ---------------------------------------------------------------------------------------------------------
+
+def crop_box(size: Tuple[int, int], preprocess) -> Tuple[float, float, float, float]:
+    """(left, top, right, bottom) in original-image pixels of the centre crop the eval transform takes.
+
+    The same geometry as `vision.Resize(resize_size)` + `vision.CenterCrop(image_size)` (and as
+    `vit_ms.export.preprocess_graph`): the long side becomes floor(long * resize / short), the crop starts
+    at floor((side - crop) / 2) of the resized image; mapped back by the resize factor of each axis.
+
+    Args:
+        size: the image's (width, height), as PIL gives it.
+        preprocess: the model's `Preprocess`.
+    """
+    width, height = size
+    short = preprocess.resize_size
+    if height <= width:
+        resized_h, resized_w = short, int(width * short / height)
+    else:
+        resized_h, resized_w = int(height * short / width), short
+    crop = preprocess.image_size
+    top, left = (resized_h - crop) // 2, (resized_w - crop) // 2
+    sy, sx = height / resized_h, width / resized_w
+    return left * sx, top * sy, (left + crop) * sx, (top + crop) * sy
+
+
+def model_view(image, preprocess):
+    """The region of `image` the model sees after the eval transform (short-side resize, center crop)."""
+    left, top, right, bottom = crop_box(image.size, preprocess)
+    return image.crop((round(left), round(top), round(right), round(bottom)))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Annotated predictions
 # ---------------------------------------------------------------------------------------------------------
+
+def prediction_figure(image, preprocess, top: Sequence[Tuple[str, float]], true_label: Optional[str] = None):
+    """The figure of `save_prediction_picture` (see there); returned for inspection.
+
+    Axes gids: "image" (the photo, in its own pixel coordinates) and "top_k" (the bars). The crop outline
+    is a `Rectangle` with gid "model_crop" on the image axes; the title is the figure's suptitle.
+    """
+    from matplotlib.patches import Rectangle
+
+    image = image.convert("RGB")
+    width, height = image.size
+    top = list(top)
+    # Layout in inches, then converted to figure fractions: title, photo, bars below (nothing covers it).
+    fig_w, margin, title_h, gap = 6.4, 0.15, 0.45, 0.12
+    img_w = fig_w - 2 * margin
+    img_h = img_w * height / width
+    if img_h > 7.0:  # very tall photos are shown narrower rather than taller
+        img_h, img_w = 7.0, 7.0 * width / height
+    names = [name for name, _ in top]
+    label_w = min(3.0, 0.3 + 0.085 * max((len(n) for n in names), default=1))
+    bars_h = 0.3 * max(len(top), 1) + 0.1
+    fig_h = title_h + img_h + gap + bars_h + margin
+    figure = _figure(fig_w, fig_h)
+
+    def box(left, bottom, w, h):  # inches -> figure fractions
+        return [left / fig_w, bottom / fig_h, w / fig_w, h / fig_h]
+
+    ax = figure.add_axes(box((fig_w - img_w) / 2, margin + bars_h + gap, img_w, img_h), gid="image")
+    ax.imshow(np.asarray(image), interpolation="antialiased")
+    ax.set_axis_off()
+    left, upper, right, lower = crop_box(image.size, preprocess)
+    # Dim what the model did not see, then outline the crop: two strokes, dark under light, for any photo.
+    for x0, y0, x1, y1 in ((0, 0, width, upper), (0, lower, width, height), (0, upper, left, lower),
+                           (right, upper, width, lower)):
+        if x1 - x0 > 0 and y1 - y0 > 0:
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, facecolor="black", alpha=0.35,
+                                   edgecolor="none"))
+    for colour, lw, style, gid in (("black", 3.0, "-", None), ("white", 1.5, (0, (5, 3)), "model_crop")):
+        ax.add_patch(Rectangle((left - 0.5, upper - 0.5), right - left, lower - upper, fill=False,
+                               edgecolor=colour, linewidth=lw, linestyle=style, gid=gid))
+    ax.text(left + 0.012 * width, upper + 0.012 * height, "model's view", color="white", fontsize=9, va="top",
+            bbox=dict(facecolor="black", alpha=0.6, edgecolor="none", pad=2))
+
+    if not top:
+        title, colour = "no prediction", "black"
+    elif true_label is None:
+        title, colour = f"predicted: {top[0][0]} ({100 * top[0][1]:.1f}%)", "black"
+    elif top[0][0] == true_label:
+        title, colour = f"\u2713 right: {top[0][0]} ({100 * top[0][1]:.1f}%)", RIGHT_COLOUR
+    else:
+        title, colour = (f"\u2717 wrong: predicted {top[0][0]} ({100 * top[0][1]:.1f}%), true {true_label}",
+                         WRONG_COLOUR)
+    figure.suptitle(title, fontsize=13, color=colour, fontweight="bold", y=1 - 0.08 / fig_h, va="top")
+
+    bars = figure.add_axes(box(margin + label_w, margin, fig_w - 2 * margin - label_w - 0.55, bars_h),
+                           gid="top_k")
+    probs = [100 * p for _, p in top]
+    # The true class green; a wrong first guess red; other guesses neutral blue.
+    colours = ["#4c72b0"] * len(names)
+    if true_label is not None:
+        colours = [RIGHT_COLOUR if n == true_label else WRONG_COLOUR if i == 0 else "#4c72b0"
+                   for i, n in enumerate(names)]
+    bars.barh(range(len(top)), probs, color=colours, height=0.72)
+    bars.set_yticks(range(len(top)), names, fontsize=10)
+    bars.set_ylim(len(top) - 0.5, -0.5)  # most likely on top
+    bars.set_xlim(0, 100)
+    bars.set_xticks([])
+    for side in ("top", "right", "bottom"):
+        bars.spines[side].set_visible(False)
+    for i, p in enumerate(probs):
+        bars.text(p + 1, i, f"{p:.1f}%", va="center", ha="left", fontsize=9)
+    return figure
+
+
+def save_prediction_picture(image, preprocess, top: List[Tuple[str, float]], out_path,
+                            true_label: Optional[str] = None) -> Path:
+    """Save `image` with its top-k predictions as bars below it and the crop the model saw outlined.
+
+    Args:
+        image: the original PIL image (any mode).
+        preprocess: the model's `Preprocess` (where the centre crop lies).
+        top: (class name, probability) pairs, most likely first.
+        out_path: file to write (.png, .jpg, ...).
+        true_label: the image's class when known (e.g. its folder): the title then says right or wrong.
+
+    Returns:
+        `out_path`.
+    """
+    return save_figure(prediction_figure(image, preprocess, top, true_label), out_path)
+
 
 def _font(size: int):
     from PIL import ImageFont
@@ -30,7 +182,8 @@ def _font(size: int):
 
 
 def annotate_image(image, lines: Sequence[str], out_path, min_side: int = 320) -> Path:
-    """Save `image` with `lines` of text drawn in a box at its top-left corner (Pillow only).
+    """Save `image` with `lines` of text drawn in a box at its top-left corner (Pillow only; the older,
+    plainer picture; `save_prediction_picture` shows more).
 
     Args:
         image: a PIL image.
@@ -55,8 +208,9 @@ def annotate_image(image, lines: Sequence[str], out_path, min_side: int = 320) -
     for i, line in enumerate(lines):
         draw.text((pad, pad + i * line_height), line, font=font, fill=(255, 255, 255, 255))
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB").save(out_path)
+    with atomic_path(out_path, suffix=out_path.suffix or ".png") as tmp:
+        Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB").save(
+            tmp, format=(out_path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"))
     return out_path
 
 
@@ -76,34 +230,31 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], out_png, ti
         out_png: output file.
         title: figure title, e.g. the top-1 accuracy.
     """
-    import matplotlib.pyplot as plt
-
     matrix = np.asarray(matrix)
     n = matrix.shape[0]
     rows = matrix.sum(axis=1, keepdims=True)
     fraction = np.divide(matrix, rows, out=np.zeros(matrix.shape, np.float64), where=rows > 0)
     side = float(np.clip(0.45 * n + 2.5, 5, 20))
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = _figure(side, side)
+    ax = fig.add_subplot()
     image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if n <= 60:
-        ax.set_xticks(range(n), labels, rotation=90)
+        long_names = max((len(str(label)) for label in labels), default=0) > 6
+        ax.set_xticks(range(n), labels, rotation=45 if long_names else 0, ha="right" if long_names else "center",
+                      rotation_mode="anchor")
         ax.set_yticks(range(n), labels)
     if n <= 30:
         for i in range(n):
             for j in range(n):
                 if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=11 if n <= 10 else 8,
                             color="white" if fraction[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title or f"confusion matrix ({int(matrix.sum())} images)")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,78 +305,159 @@ def rollout_map(rollout: np.ndarray) -> np.ndarray:
     return cls.reshape(-1, grid, grid)
 
 
-def model_view(image, preprocess):
-    """The region of `image` the model sees after the eval transform (short-side resize, center crop)."""
-    side = min(image.size) * preprocess.image_size / preprocess.resize_size
-    left, top = (image.width - side) / 2, (image.height - side) / 2
-    return image.crop((round(left), round(top), round(left + side), round(top + side)))
+def _upsample(heat: np.ndarray, side: int) -> np.ndarray:
+    """(grid, grid) -> (side, side) with bicubic interpolation between patch centres, clipped back to the
+    map's range (bicubic overshoots a little near sharp peaks)."""
+    from PIL import Image
+
+    heat = np.asarray(heat, np.float32)
+    smooth = np.asarray(Image.fromarray(heat).resize((side, side), Image.Resampling.BICUBIC))  # mode "F"
+    return np.clip(smooth, float(heat.min()), float(heat.max()))
+
+
+def attention_figure(image, preprocess, heat: np.ndarray, title: str, alpha: float = 0.55):
+    """The figure of `save_attention_picture` (see there); axes gids "original", "overlay", "colorbar"."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    view = np.asarray(model_view(image.convert("RGB"), preprocess))
+    heat = np.asarray(heat, np.float64)
+    if heat.ndim != 2:
+        raise ValueError(f"heat must be a (grid, grid) map, got shape {heat.shape}")
+    vmax = float(heat.max()) if heat.max() > 0 else 1.0
+    smooth = _upsample(heat / vmax, max(view.shape[0], 224))
+    figure = _figure(9.0, 4.6)
+    grid = figure.add_gridspec(1, 3, width_ratios=[1, 1, 0.05], wspace=0.06, left=0.02, right=0.92,
+                               top=0.84, bottom=0.03)
+    extent = (0, 1, 1, 0)  # both images on the same unit square, whatever their pixel sizes
+    crop = preprocess.image_size
+    original = figure.add_subplot(grid[0])
+    original.set_gid("original")
+    original.imshow(view, extent=extent, interpolation="antialiased")
+    original.set_title(f"the crop the model saw (its {crop}\u00d7{crop} input)", fontsize=10)
+    overlay = figure.add_subplot(grid[1])
+    overlay.set_gid("overlay")
+    overlay.imshow(view, extent=extent, interpolation="antialiased")
+    overlay.imshow(smooth, extent=extent, cmap=HEAT_CMAP, vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
+    overlay.set_title("attention rollout (CLS token)", fontsize=10)
+    for ax in (original, overlay):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    bar_ax = figure.add_subplot(grid[2])
+    bar_ax.set_gid("colorbar")
+    figure.colorbar(ScalarMappable(Normalize(0, 1), cmap=HEAT_CMAP), cax=bar_ax,
+                    label="share of attention (1 = the most attended patch)")
+    figure.suptitle(title, fontsize=13, fontweight="bold")
+    return figure
+
+
+def save_attention_picture(image, preprocess, heat: np.ndarray, title: str, out_path) -> Path:
+    """Save original | attention overlay side by side, on the exact crop the model saw.
+
+    Args:
+        image: the original PIL image.
+        preprocess: the model's `Preprocess` (which crop the model saw).
+        heat: (grid, grid) attention map, e.g. one entry of `rollout_map`; shown relative to its maximum,
+            upsampled bicubically between patch centres, in a perceptually uniform colour map with a bar.
+        title: e.g. "predicted: bees (87.1%)".
+        out_path: file to write.
+
+    Returns:
+        `out_path`.
+    """
+    return save_figure(attention_figure(image, preprocess, heat, title), out_path)
 
 
 def save_attention_overlay(image, heat: np.ndarray, preprocess, out_path, alpha: float = 0.5,
                            min_side: int = 320) -> Path:
-    """Save the model's view of `image` with a (grid, grid) map in [0, 1] overlaid as a colour heat map.
-
-    Args:
-        image: the original PIL image.
-        heat: e.g. one entry of `rollout_map`.
-        preprocess: the model's `Preprocess` (which part of the image it sees).
-        out_path: PNG file to write.
-        alpha: opacity of the heat map.
-        min_side: small images are enlarged to this side first.
+    """The plain overlay of earlier versions (no title, no bar): the model's view with a (grid, grid) map in
+    [0, 1] as a jet heat map. Kept for callers of the old name; `save_attention_picture` explains more.
     """
+    import matplotlib
     from PIL import Image
 
     view = model_view(image.convert("RGB"), preprocess)
     side = max(view.width, min_side)
     view = view.resize((side, side), Image.Resampling.BICUBIC)
-    heat_image = Image.fromarray(np.asarray(heat, np.float32)).resize((side, side),  # float32: mode "F"
-                                                                      Image.Resampling.BILINEAR)
-    colours = matplotlib.colormaps["jet"](np.clip(np.asarray(heat_image), 0, 1))[..., :3]
+    colours = matplotlib.colormaps["jet"](np.clip(_upsample(heat, side), 0, 1))[..., :3]
     blended = (1 - alpha) * np.asarray(view, np.float64) / 255 + alpha * colours
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((blended * 255).round().astype(np.uint8)).save(out_path)
+    with atomic_path(out_path, suffix=out_path.suffix or ".png") as tmp:
+        Image.fromarray((blended * 255).round().astype(np.uint8)).save(tmp, format="PNG")
     return out_path
 
 
-def plot_training_curves(metrics_jsonl, out_png):
-    """Draw train/val loss and val top-1/top-5 per epoch from a training run's metrics.jsonl.
+# ---------------------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------------------
 
-    Args:
-        metrics_jsonl: the file `vit_ms.training` writes, one JSON object per epoch with at least
-            epoch, loss, top1 and top5 (val_loss drawn when present).
-        out_png: the picture to write (its folder must exist).
-
-    Returns:
-        The path written.
-    """
-    import json
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
-
+def _read_records(metrics_jsonl) -> List[dict]:
     lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     if not records:
         raise ValueError(f"{metrics_jsonl} holds no epochs to plot")
+    return records
+
+
+def curves_figure(records: Sequence[dict], num_classes: Optional[int] = None):
+    """The figure of `plot_training_curves`; axes gids "loss", "accuracy", "lr"."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["loss"] for r in records], "o-", label="train loss")
+    top1 = [100 * r["top1"] for r in records]
+    best = int(np.argmax(top1))  # the first epoch reaching the best top-1, as best.ckpt keeps it
+    # Training's top-5 is top-min(5, C): for 5 classes or fewer it is always 100% and says nothing.
+    show_top5 = all("top5" in r for r in records) and (
+        num_classes > 5 if num_classes is not None else not all(r["top5"] == 1.0 for r in records))
+    has_lr = all("lr" in r for r in records)
+    figure = _figure(13.5 if has_lr else 9.5, 4.0)
+    axes = figure.subplots(1, 3 if has_lr else 2)
+    ax_loss, ax_acc = axes[0], axes[1]
+    ax_loss.set_gid("loss")
+    ax_acc.set_gid("accuracy")
+
+    ax_loss.plot(epochs, [r["loss"] for r in records], "o-", label="train loss", markersize=4)
     if all("val_loss" in r for r in records):
-        ax_loss.plot(epochs, [r["val_loss"] for r in records], "s-", label="val loss")
+        ax_loss.plot(epochs, [r["val_loss"] for r in records], "s-", label="val loss", markersize=4)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [100 * r["top1"] for r in records], "o-", label="val top-1")
-    ax_acc.plot(epochs, [100 * r["top5"] for r in records], "s-", label="val top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy", ylim=(0, 100))
-    ax_acc.legend()
-    for ax in (ax_loss, ax_acc):
+
+    ax_acc.plot(epochs, top1, "o-", label="val top-1", markersize=4)
+    if show_top5:
+        ax_acc.plot(epochs, [100 * r["top5"] for r in records], "s-", label="val top-5", markersize=4)
+    ax_acc.plot([epochs[best]], [top1[best]], marker="*", markersize=16, color="#d62728", linestyle="none",
+                label=f"best: {top1[best]:.2f}% (epoch {epochs[best]})", gid="best_marker")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy", ylim=(0, 101))
+    ax_acc.legend(loc="lower right")
+
+    if has_lr:
+        ax_lr = axes[2]
+        ax_lr.set_gid("lr")
+        ax_lr.plot(epochs, [r["lr"] for r in records], "o-", color="#8c564b", markersize=4)
+        ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax_lr.set_ylim(bottom=0)
+    for ax in axes:
+        ax.axvline(epochs[best], color="#d62728", linestyle=":", linewidth=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch: a tick at 1, not 0.96-1.04
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    # Write beside the target and rename, so a reader never sees half a PNG.
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    figure.tight_layout()
+    return figure
+
+
+def plot_training_curves(metrics_jsonl, out_png, num_classes: Optional[int] = None) -> Path:
+    """Draw loss, val top-1 (top-5 for more than 5 classes) and the learning rate per epoch, with the best
+    epoch marked, from a training run's metrics.jsonl.
+
+    Args:
+        metrics_jsonl: the file `vit_ms.training` writes, one JSON object per epoch with at least epoch,
+            loss and top1 (val_loss, top5 and lr drawn when present).
+        out_png: the picture to write.
+        num_classes: the model's classes; None: top-5 is drawn unless it is 100% at every epoch (what
+            training's top-min(5, C) gives for 5 classes or fewer).
+
+    Returns:
+        The path written.
+    """
+    return save_figure(curves_figure(_read_records(metrics_jsonl), num_classes), out_png)
