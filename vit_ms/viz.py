@@ -188,6 +188,23 @@ def save_attention_overlay(image, heat: np.ndarray, preprocess, out_path, alpha:
     return out_path
 
 
+def save_prediction_picture(image, preprocess, top, out_path, true_label=None) -> Path:
+    """Save `image` annotated with its top classes [(name, probability)] (and its true label, if known).
+
+    Thin wrapper over `annotate_image` so infer.py can call the picture API it is written against.
+    """
+    lines = [f"{name} {100 * p:.1f}%" for name, p in top]
+    if true_label is not None:
+        mark = "right" if top and top[0][0] == true_label else "wrong"
+        lines.insert(0, f"true: {true_label} ({mark})")
+    return annotate_image(image, lines, out_path)
+
+
+def save_attention_picture(image, preprocess, heat: np.ndarray, title: str, out_path) -> Path:
+    """Save the attention map `heat` over the crop of `image` the model saw (thin wrapper, `title` unused)."""
+    return save_attention_overlay(image, heat, preprocess, out_path)
+
+
 def plot_training_curves(metrics_jsonl, out_png):
     """Draw train/val loss and val top-1/top-5 per epoch from a training run's metrics.jsonl.
 
