@@ -49,6 +49,8 @@ def parse_args(argv=None):
         parser.error("--attention writes PNG files: give --output_dir")
     if args.attention and args.mindir:
         parser.error("--attention needs the model's blocks: use --checkpoint or --model, not --mindir")
+    if args.overwrite and not args.output_dir:
+        parser.error("--overwrite replaces the results in --output_dir: give --output_dir")
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top_k and --batch_size must be positive")
     return parser, args

@@ -770,8 +770,11 @@ def remove_earlier_pictures(out_dir) -> List[Path]:
     removed = []
     for record in records:
         for key in ("annotated", "attention"):
-            path = Path(record.get(key) or "")
-            if record.get(key) and path.parent.resolve() == Path(out_dir).resolve() and path.is_file():
+            # By name inside out_dir only: the listing may hold paths relative to another working folder,
+            # and a hand-edited listing must not reach outside the folder.
+            name = Path(record.get(key) or "").name
+            path = Path(out_dir) / name
+            if name and path.is_file():
                 path.unlink()
                 removed.append(path)
     return removed
