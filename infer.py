@@ -1,34 +1,44 @@
 """Predict the classes of images with a vit_ms checkpoint, an exported MINDIR, or foreign weights.
 
-Inputs may be files, folders (searched recursively for image files) and glob patterns. Each image gets
-its top-k class indices, names and probabilities; an unreadable file is reported and skipped. With
---output_dir, each image is saved with its predictions drawn on it, plus predictions.json.
+Inputs may be files, folders (searched recursively for image files) and glob patterns. The images are
+decoded and preprocessed by a parallel `mindspore.dataset` pipeline (the same ops as eval.py) while the
+model runs; each gets its top-k class indices, names and probabilities, and an unreadable file is
+reported with its reason and skipped. With --output_dir, predictions.json and predictions.csv are written
+there, and each image is drawn with its predictions (NAME_pred.jpg, or .png for PNG inputs) by a pool of
+threads that never holds up the model; --no-annotate skips the pictures. An image inside a folder named
+like one of the model's classes (e.g. val/ants/1.jpg) is marked right or wrong.
 
     python infer.py --checkpoint outputs/train/best.ckpt --input datasets/sample/infer --output_dir outputs/infer
     python infer.py --mindir vit.mindir --input 'photos/**/*.jpg' --top_k 3 --json
     python infer.py --model tutorial --pretrained vit_b_16_224 --input datasets/imagenet_subset/infer --output_dir out --attention
 
-Exit status: 0 when at least one image was predicted, 1 when none was (all unreadable or none found).
+An --output_dir that already holds files is refused unless --overwrite is given (which replaces the
+earlier run's predictions and pictures). Exit status: 0 when at least one image was predicted, 1 when
+none was (all unreadable or none found), 2 for bad flags or a refused --output_dir.
 """
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
-from vit_ms.cli import add_model_source_arguments, check_model_source
+from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source_arguments(parser, mindir=True)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="image files, folders (recursive, image extensions only) or glob patterns "
                              "(quote them so the shell does not expand them)")
     parser.add_argument("--top_k", type=int, default=5, help="classes reported per image (default 5)")
     parser.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default 16)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="decode and drawing threads (default: all cores)")
     parser.add_argument("--output_dir", default=None,
-                        help="write annotated images (NAME_pred.png) and predictions.json here")
+                        help="write predictions.json, predictions.csv and annotated images here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --output_dir")
+    parser.add_argument("--no-annotate", dest="annotate", action="store_false",
+                        help="with --output_dir: write predictions.json/.csv only, no pictures")
     parser.add_argument("--attention", action="store_true",
                         help="also save an attention-rollout map per image (NAME_attention.png) in --output_dir; "
                              "needs --checkpoint or --model (a MINDIR hides the attention)")
@@ -39,29 +49,31 @@ def parse_args(argv=None):
         parser.error("--attention writes PNG files: give --output_dir")
     if args.attention and args.mindir:
         parser.error("--attention needs the model's blocks: use --checkpoint or --model, not --mindir")
+    if args.overwrite and not args.output_dir:
+        parser.error("--overwrite replaces the results in --output_dir: give --output_dir")
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top_k and --batch_size must be positive")
-    return args
-
-
-def _unique_name(stem: str, suffix: str, used: set) -> str:
-    name, i = f"{stem}{suffix}", 1
-    while name in used:  # same file name in two input folders
-        name, i = f"{stem}_{i}{suffix}", i + 1
-    used.add(name)
-    return name
+    return parser, args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import json
+
     import mindspore as ms
 
-    from vit_ms import data, viz
-    from vit_ms.evaluate import find_images, load_classifier, predict_images
+    from vit_ms.evaluate import (check_output_dir, find_images, load_classifier, remove_earlier_pictures,
+                                 run_inference, write_predictions)
+
+    if args.output_dir:
+        refusal = check_output_dir(args.output_dir, args.overwrite, "infer.py")
+        if refusal:
+            parser.error(refusal)
 
     ms.set_device(args.device_target)
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # a handful of images: no graph compile to wait for
+    # PyNative: no graph compile to wait for (measured: no slower than graph mode for a ViT forward on CPU).
+    ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
         classifier = load_classifier(args.checkpoint, mindir=args.mindir, model=args.model,
                                      pretrained=args.pretrained, num_classes=args.num_classes)
@@ -71,43 +83,33 @@ def main(argv=None) -> int:
     paths, missing = find_images(args.input)
     for item, reason in missing:
         logging.warning("%s: %s", item, reason)
-    predictions, unreadable = predict_images(classifier, paths, args.top_k, args.batch_size)
-    skipped = missing + unreadable
-
-    records = [p.to_dict() for p in predictions]
+    if not paths:
+        logging.error("no image files found in %s; nothing written", " ".join(args.input))
+        return 1
+    if args.output_dir and args.overwrite:
+        for path in remove_earlier_pictures(args.output_dir):
+            logging.info("--overwrite: removed %s of the earlier run", path)
+    result = run_inference(classifier, paths, top_k=args.top_k, batch_size=args.batch_size,
+                           num_workers=args.num_workers, out_dir=args.output_dir, annotate=args.annotate,
+                           attention=args.attention)
+    result.skipped[:0] = missing
     if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        used = set()
-        for prediction, record in zip(predictions, records):
-            image = data.load_image(prediction.path)
-            stem = Path(prediction.path).stem
-            lines = [f"{i}: {name} {100 * p:.1f}%" for i, name, p in
-                     zip(prediction.indices, prediction.names, prediction.probabilities)]
-            record["annotated"] = str(viz.annotate_image(image, lines, out / _unique_name(stem, "_pred.png", used)))
-            if args.attention:
-                array = data.preprocess_image(image, classifier.preprocess)[None]
-                heat = viz.rollout_map(viz.attention_rollout(classifier.net, array))[0]
-                record["attention"] = str(viz.save_attention_overlay(
-                    image, heat, classifier.preprocess, out / _unique_name(stem, "_attention.png", used)))
-    result = {"model": classifier.source, "predictions": records,
-              "skipped": [{"path": path, "reason": reason} for path, reason in skipped]}
-    if args.output_dir:
-        (Path(args.output_dir) / "predictions.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_predictions(result, args.output_dir)
 
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result.to_dict()))
     else:
-        for prediction in predictions:
-            print(prediction.path)
+        for prediction in result.predictions:
+            truth = f"  (true: {prediction.true_label})" if prediction.true_label is not None else ""
+            print(f"{prediction.path}{truth}")
             for rank, (i, name, p) in enumerate(zip(prediction.indices, prediction.names,
                                                     prediction.probabilities), 1):
                 print(f"  {rank}. {i:>4}  {name}  {p:.4f}")
-        for path, reason in skipped:
+        for path, reason in result.skipped:
             print(f"skipped {path}: {reason}")
-        print(f"{len(predictions)} image(s) predicted, {len(skipped)} skipped"
+        print(f"{len(result.predictions)} image(s) predicted, {len(result.skipped)} skipped"
               + (f"; results in {args.output_dir}" if args.output_dir else ""))
-    return 0 if predictions else 1
+    return 0 if result.predictions else 1
 
 
 if __name__ == "__main__":
