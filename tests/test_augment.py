@@ -81,6 +81,16 @@ def test_full_pipeline_runs_on_encoded_bytes(name):
         np.testing.assert_allclose(t.sum(axis=1), 1.0, atol=1e-6)
 
 
+def test_list_on_decoded_arrays():
+    """decode=False: the same list on uint8 HWC arrays of any size (RandomResizedCrop instead)."""
+    ops = train_augmentations(PRE, auto_augment="trivialaugment", decode=False)
+    assert type(ops[0]).__name__ == "RandomResizedCrop"
+    x = _images(1, size=57)[0]
+    for op in ops:
+        x = op(x)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+
+
 def test_random_erasing_writes_noise_into_one_box():
     op = train_augmentations(PRE, random_erasing=1.0)[-1]
     x = np.full((3, 32, 32), 7.0, np.float32)  # 7 never comes out of N(0, 1) noise

@@ -296,3 +296,18 @@ def test_train_step_under_model_train_with_mixup(graph):
     assert len(losses) == 4 and np.isfinite(losses).all()
     assert int(opt.global_step.asnumpy().reshape(-1)[0]) == 2  # 4 micro-batches, 2 optimizer steps
     assert all(not np.array_equal(v, before[k]) for k, v in weights(net).items())
+
+
+@pytest.mark.parametrize("name, cls, no_decay_wd", [("adam", nn.Adam, 0.05), ("adamw", nn.AdamWeightDecay, 0.0),
+                                                     ("sgd", nn.SGD, 0.0)])
+def test_create_optimizer_kinds_and_decay_groups(name, cls, no_decay_wd):
+    """adam keeps the tutorial's L2 on every parameter; adamw and sgd spare norms, biases, cls and pos."""
+    net = tiny()
+    opt = create_optimizer(net, name, [1e-3], weight_decay=0.05, layer_decay=0.75)
+    assert type(opt) is cls
+    groups = layer_decay_groups(net, [1e-3], 0.75, 0.05, decay_all=name == "adam")
+    matrices = {"patch_embed.proj.weight", "head.weight"} | {
+        f"blocks.{i}.{layer}.weight" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    for group in groups[:-1]:
+        for param in group["params"]:
+            assert group["weight_decay"] == (0.05 if param.name in matrices else no_decay_wd), param.name
