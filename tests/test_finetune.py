@@ -241,6 +241,9 @@ def test_ema_vs_numpy_over_three_steps_and_restored_by_name(tmp_path):
     evaluated = fresh_ema.copy_to(tiny(seed=9))
     for name, value in weights(evaluated).items():
         np.testing.assert_array_equal(value, state[name].asnumpy())
+    ema.reset()  # back to the current weights
+    for name, value in ema.ema_state().items():
+        np.testing.assert_array_equal(value.asnumpy(), weights(net)[name])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def policy_op(name: str, preprocess: Preprocess, ra_num_ops: int = 2, ra_magnitu
 def train_augmentations(preprocess: Preprocess, *, auto_augment: str = "none", ra_num_ops: int = 2,
                         ra_magnitude: int = 9, color_jitter: float = 0.0, random_erasing: float = 0.0,
                         crop_scale: Sequence[float] = (0.08, 1.0),
-                        crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                        crop_ratio: Sequence[float] = (0.75, 1.333), hflip: float = 0.5,
                         decode: bool = True) -> list:
     """The whole per-image training transform: encoded bytes (or uint8 HWC) -> float32 (3, S, S).
 
