@@ -51,6 +51,12 @@ class TrainStep(nn.Cell):
         self.clip_grad = float(clip_grad)
         self.accum_steps = accum_steps
         self.ema = ema
+        # Data parallel (msrun ... --distributed): average each micro-batch's gradients over the devices,
+        # as nn.TrainOneStepCell does (untested here: no msrun test on this branch); nothing on one device.
+        self.parallel = ms.get_auto_parallel_context("parallel_mode") in ("data_parallel", "hybrid_parallel")
+        if self.parallel:
+            self.grad_reducer = nn.DistributedGradReducer(self.weights, ms.get_auto_parallel_context("gradients_mean"),
+                                                          ms.get_auto_parallel_context("device_num"))
         if accum_steps > 1:
             self.accumulated = self.weights.clone(prefix="accum_grad", init="zeros")
             self.micro_step = Parameter(ms.Tensor(0, ms.int32), name="accum_micro_step", requires_grad=False)
@@ -67,6 +73,8 @@ class TrainStep(nn.Cell):
 
     def construct(self, *inputs):
         loss, grads = self.grad_fn(*inputs)
+        if self.parallel:
+            grads = self.grad_reducer(grads)
         if self.accum_steps == 1:
             return ops.depend(loss, self.apply(grads))
         for total, grad in zip(self.accumulated, grads):
