@@ -586,6 +586,9 @@ class PictureWriter:
     """
 
     def __init__(self, classifier: Classifier, out_dir, num_threads: Optional[int] = None):
+        from . import viz
+
+        viz.load_matplotlib()  # here, not in the pool's threads (see load_matplotlib)
         self.classifier = classifier
         self.out_dir = Path(out_dir)
         self.pool = ThreadPoolExecutor(_workers(num_threads), thread_name_prefix="vit_ms-pictures")

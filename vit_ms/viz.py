@@ -27,6 +27,13 @@ HEAT_CMAP = "inferno"  # perceptually uniform, dark = little attention, bright =
 DPI = 100
 
 
+def load_matplotlib() -> None:
+    """Import matplotlib's figure and Agg canvas now. Call it in the main thread before drawing in a
+    thread pool: two threads importing matplotlib for the first time at once break its circular imports."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def _figure(width: float, height: float):
     """A Figure with a non-interactive Agg canvas (no pyplot, no global backend change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
