@@ -230,3 +230,12 @@ def test_a_one_channel_model_round_trips_with_its_preprocessing(tmp_path):
     loaded, meta = load_model(path)
     assert Preprocess.from_dict(meta["preprocess"]) == pre and meta["class_names"][3] == "3"
     np.testing.assert_array_equal(logits(loaded, images(one)), logits(net, images(one)))
+
+
+def test_read_metadata_is_none_for_a_sound_checkpoint_without_it(tmp_path):
+    path = str(tmp_path / "plain.ckpt")
+    ms.save_checkpoint([{"name": "w", "data": ms.Tensor(np.ones(2, np.float32))}], path)
+    assert read_metadata(path) is None
+    (tmp_path / "cut.ckpt").write_bytes(open(path, "rb").read()[:20])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_metadata(str(tmp_path / "cut.ckpt"))
