@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.5",  # training curves, confusion matrix, attention maps
     ],
     # Test-time references only, never imported by vit_ms: PyTorch for numerical parity, onnxruntime
-    # to check ONNX exports.
-    extras_require={"test": ["pytest>=7", "torch==2.13.0", "onnxruntime>=1.16"]},
+    # to check ONNX exports, transformers and timm for checkpoint parity (tests/test_checkpoint_hf_timm.py;
+    # tested with transformers 5.23.0 and timm 1.0.31).
+    extras_require={"test": ["pytest>=7", "torch==2.13.0", "onnxruntime>=1.16", "transformers>=4.40", "timm>=1.0"]},
 )

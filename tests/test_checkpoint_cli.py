@@ -30,6 +30,13 @@ def _garbage(tmp_path, suffix):
     return out
 
 
+def _convert_module():
+    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "convert.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
 
 def run_convert(tmp_path, *args):
     env = {**os.environ, "PYTHONPATH": str(REPO), "GLOG_v": "3"}
@@ -63,9 +70,7 @@ def test_convert_cli_timm_to_a_checkpoint_load_model_reads(tmp_path):
 
 def test_convert_cli_reports_a_bad_file_without_a_traceback(tmp_path, caplog):
     # In-process (the subprocess tests above cover the real command line).
-    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "convert.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _convert_module()
     with caplog.at_level(logging.ERROR):
         assert cli.main([str(_garbage(tmp_path, ".ckpt")), str(tmp_path / "bad.ckpt")]) == 1
         assert cli.main([str(tmp_path / "missing.npz"), str(tmp_path / "bad.ckpt")]) == 1
@@ -91,9 +96,7 @@ def test_convert_cli_tutorial_names_new_classes_and_image_size(tmp_path):
 
 
 def test_convert_cli_sources_and_targets_match_the_package():
-    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "convert.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _convert_module()
     assert cli.SOURCES == SOURCES and set(cli.TARGETS) == set(EXPORT_TARGETS)
     from vit_ms.config import INTERPOLATIONS
 
@@ -108,10 +111,10 @@ def test_convert_cli_stores_the_preprocessing_of_a_one_channel_28px_model(tmp_pa
 
     save_file(timm_names, str(tmp_path / "mnist.safetensors"))
     (tmp_path / "names.txt").write_text("zero\none\ntwo\nthree\nfour\nfive\nsix\nseven\neight\nnine\n")
-    result = run_convert(tmp_path, tmp_path / "mnist.safetensors", tmp_path / "mnist.ckpt", "--num_heads", "4",
-                         "--mean", "0.1307", "--std", "0.3081", "--crop_pct", "1.0", "--interpolation", "bicubic",
-                         "--class_names", tmp_path / "names.txt")
-    assert result.returncode == 0, result.stderr
+    status = _convert_module().main([str(tmp_path / "mnist.safetensors"), str(tmp_path / "mnist.ckpt"), "--num_heads",
+                                     "4", "--mean", "0.1307", "--std", "0.3081", "--crop_pct", "1.0",
+                                     "--interpolation", "bicubic", "--class_names", str(tmp_path / "names.txt")])
+    assert status == 0
     meta = read_metadata(tmp_path / "mnist.ckpt")
     assert Preprocess.from_dict(meta["preprocess"]) == Preprocess(image_size=28, mean=(0.1307,), std=(0.3081,),
                                                                   crop_pct=1.0, interpolation="bicubic")
@@ -122,31 +125,34 @@ def test_convert_cli_stores_the_preprocessing_of_a_one_channel_28px_model(tmp_pa
     (["--mean", "0.5", "0.5", "--std", "0.5"], "one value per input channel each"),
     (["--mean", "0.5"], "--mean and --std go together"),
     (["--to", "hf", "--crop_pct", "1.0"], "--crop_pct applies only to --to vit_ms"),
-    (["--crop", "1.0"], "did you mean --crop_pct"),
+    (["--crop", "1.0"], "did you mean --crop_pct"),  # vit_ms.cli.ArgumentParser's exact flags
 ])
-def test_convert_cli_rejects_inconsistent_flags(tmp_path, args, message):
-    result = run_convert(tmp_path, "a.ckpt", "b.ckpt", *args)
-    assert result.returncode == 2 and message in result.stderr
+def test_convert_cli_rejects_inconsistent_flags(args, message, capsys):
+    # In-process: parse errors happen before anything is imported (the subprocess tests cover the real CLI).
+    with pytest.raises(SystemExit) as exit_status:
+        _convert_module().parse_args(["a.ckpt", "b.ckpt", *args])
+    assert exit_status.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_convert_cli_mean_std_of_the_wrong_channel_count_is_one_clear_error(tmp_path):
+def test_convert_cli_mean_std_of_the_wrong_channel_count_is_one_clear_error(tmp_path, caplog):
     src = save_state_dict(random_torch(TimmViT, TINY), tmp_path / "t.safetensors")
-    result = run_convert(tmp_path, src, tmp_path / "t.ckpt", "--num_heads", "4", "--mean", "0.5", "--std", "0.5")
-    assert result.returncode == 1 and "1 mean/std values for a model with 3 input channel(s)" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "t.ckpt").exists()
+    with caplog.at_level(logging.ERROR):
+        status = _convert_module().main([str(src), str(tmp_path / "t.ckpt"), "--num_heads", "4", "--mean", "0.5",
+                                         "--std", "0.5"])
+    assert status == 1 and "1 mean/std values for a model with 3 input channel(s)" in caplog.text
+    assert not (tmp_path / "t.ckpt").exists()
 
 
 def test_convert_cli_exports_to_hf_and_timm(tmp_path):
     net = random_net(TINY, seed=5)
     src = save_checkpoint(net, tmp_path / "best.ckpt", make_metadata(TINY, list("abcdefghij")))
-    result = run_convert(tmp_path, src, tmp_path / "hf_out", "--to", "hf")
-    assert result.returncode == 0, result.stderr
+    cli = _convert_module()  # in-process: the script-level tests below start the real command line
+    assert cli.main([str(src), str(tmp_path / "hf_out"), "--to", "hf"]) == 0
     config = json.loads((tmp_path / "hf_out" / "config.json").read_text())
     assert config["id2label"]["3"] == "d" and config["hidden_size"] == 64
     assert sorted(p.name for p in (tmp_path / "hf_out").iterdir()) == ["config.json", "model.safetensors",
                                                                      "preprocessor_config.json"]
-    result = run_convert(tmp_path, src, tmp_path / "timm.safetensors", "--to", "timm")
-    assert result.returncode == 0, result.stderr
+    assert cli.main([str(src), str(tmp_path / "timm.safetensors"), "--to", "timm"]) == 0
     from safetensors.numpy import load_file
 
     exported = load_file(str(tmp_path / "timm.safetensors"))
