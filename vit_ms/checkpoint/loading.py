@@ -15,11 +15,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .format import CheckpointError, config_from_metadata
+from .format import META_KEY, CheckpointError, config_from_metadata
 from .naming import Converted, convert_detailed, detect_source, infer_config, prefix_tokens, summarize_dropped
 from .posembed import resample_pos_embed
 from .readers import read_params
-from .format import META_KEY
 
 logger = logging.getLogger(__name__)
 

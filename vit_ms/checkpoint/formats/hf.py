@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..readers import companion_config
 from . import Hints, WeightFormat
 from ._rules import LN, Converted, shape, write_safetensors
 
@@ -163,8 +164,6 @@ def export(params, config, preprocess, class_names, dst):
 
 def read_hints(path) -> Hints:
     """What `config.json` (and `preprocessor_config.json`) beside the weights say."""
-    from ..readers import companion_config
-
     hints = Hints()
     config = companion_config(path)
     if config is None:
