@@ -68,6 +68,7 @@ def test_hf_vit_for_image_classification_folder_loads_with_its_logits(tmp_path):
     assert config == HF_TINY
     converted, meta = load_model(tmp_path / "hf.ckpt")
     assert meta["class_names"] == CLASSES and meta["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["preprocess"]["crop_pct"] == 1.0  # ViTImageProcessor resizes to the model's size, no crop
     np.testing.assert_allclose(logits(converted, x), expected, rtol=0, atol=ATOL)
 
 
@@ -115,6 +116,9 @@ def test_export_to_hf_loads_in_transformers_and_round_trips_exactly(tmp_path):
     assert config == net.config
     back, meta = load_model(tmp_path / "back.ckpt")
     assert meta["class_names"] == CLASSES
+    # The preprocessing travels through preprocessor_config.json (HF has no crop: crop_pct 1.0).
+    assert meta["preprocess"] == {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                  "crop_pct": 1.0, "interpolation": "bilinear"}
     original = numpy_params(net)
     for name, value in numpy_params(back).items():
         np.testing.assert_array_equal(value, original[name], err_msg=name)

@@ -239,3 +239,14 @@ def test_read_metadata_is_none_for_a_sound_checkpoint_without_it(tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(open(path, "rb").read()[:20])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_metadata(str(tmp_path / "cut.ckpt"))
+
+
+def test_the_public_names_of_the_former_checkpoint_module_are_importable():
+    import vit_ms.checkpoint as checkpoint
+
+    for name in ("load_weights", "load_model", "save_checkpoint", "read_metadata", "make_metadata",
+                 "config_from_metadata", "parse_metadata", "read_params", "convert", "detect_source",
+                 "resample_pos_embed", "convert_checkpoint", "resolve_pretrained", "CheckpointError", "LoadReport",
+                 "infer_config", "META_KEY", "SOURCES", "PRETRAINED", "PretrainedSource", "default_cache_dir",
+                 "read_training_checkpoint", "export_checkpoint", "create_pretrained", "FORMATS", "ZOO"):
+        assert name in checkpoint.__all__ and hasattr(checkpoint, name), name

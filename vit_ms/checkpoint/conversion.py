@@ -80,7 +80,9 @@ def convert_checkpoint(src, dst, source: str = "auto", model: Optional[str] = No
         default_mean = tuple(hints.preprocess.get("mean", fmt.mean))
         default_std = tuple(hints.preprocess.get("std", fmt.std))
         fits = len(default_mean) == config.in_channels  # else Preprocess's per-channel-count default
-        preprocess = Preprocess.for_model(config, **({"mean": default_mean, "std": default_std} if fits else {}))
+        others = {k: v for k, v in hints.preprocess.items() if k in ("crop_pct", "interpolation")}
+        preprocess = Preprocess.for_model(config, **({"mean": default_mean, "std": default_std} if fits else {}),
+                                          **others)
     changes = {"image_size": config.image_size, "mean": tuple(mean) if mean else None,
                "std": tuple(std) if std else None, "crop_pct": crop_pct, "interpolation": interpolation}
     preprocess = dataclasses.replace(preprocess, **{k: v for k, v in changes.items() if v is not None})

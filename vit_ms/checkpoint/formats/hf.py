@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..format import CheckpointError
 from ..readers import companion_config
 from . import Hints, WeightFormat
 from ._rules import LN, Converted, shape, write_safetensors
@@ -156,7 +157,8 @@ def export(params, config, preprocess, class_names, dst):
     # the processor resizes straight to image_size).
     processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "do_rescale": True,
                  "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(preprocess.mean),
-                 "image_std": list(preprocess.std), "resample": 3 if preprocess.interpolation == "bicubic" else 2,
+                 "image_std": list(preprocess.std),
+                 "resample": {"nearest": 0, "lanczos": 1, "bicubic": 3}.get(preprocess.interpolation, 2),
                  "size": {"height": config.image_size, "width": config.image_size}}
     write_text_atomic(dst / "preprocessor_config.json", json.dumps(processor, indent=2))
     return dst
@@ -177,11 +179,21 @@ def read_hints(path) -> Hints:
     names = [labels[k] for k in sorted(labels, key=int)] if labels else None
     if names and not all(re.fullmatch(r"LABEL_\d+", n) for n in names):  # transformers' placeholders
         hints.class_names = names
+    # ViTImageProcessor resizes the whole image to the model's size, without a center crop: the nearest
+    # of our eval transforms is crop_pct 1.0 (short side to image_size, then the central square).
+    hints.preprocess = {"crop_pct": 1.0}
     processor_file = (Path(path) if Path(path).is_dir() else Path(path).parent) / "preprocessor_config.json"
     if processor_file.is_file():
-        processor = json.loads(processor_file.read_text(encoding="utf-8"))
+        try:
+            processor = json.loads(processor_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"cannot read {processor_file}: {error}") from error
         if processor.get("image_mean") and processor.get("image_std"):
-            hints.preprocess = {"mean": tuple(processor["image_mean"]), "std": tuple(processor["image_std"])}
+            hints.preprocess.update(mean=tuple(processor["image_mean"]), std=tuple(processor["image_std"]))
+        # PIL's resample codes, as transformers stores them.
+        resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(processor.get("resample"))
+        if resample:
+            hints.preprocess["interpolation"] = resample
     return hints
 
 
