@@ -209,14 +209,16 @@ def test_jax_npz_matches_a_numpy_forward_in_jax_layout(tmp_path, variant):
     np.testing.assert_allclose(logits(net, x), jax_forward(params, TINY_JAX, base, x), rtol=0, atol=1e-5)
 
 
-def test_jax_pre_logits_and_the_head_on_top_are_dropped(tmp_path, caplog):
+@pytest.mark.parametrize("prefix", ["", "params/"])  # a checkpoint, and a big_vision train state
+def test_jax_pre_logits_and_the_head_on_top_are_dropped(tmp_path, caplog, prefix):
     params = random_jax_params(TINY_JAX, "vit_jax")
     params.update({"pre_logits/kernel": np.ones((64, 64), np.float32), "pre_logits/bias": np.ones(64, np.float32)})
-    np.savez(tmp_path / "i21k.npz", **params)
+    np.savez(tmp_path / "i21k.npz", **{prefix + k: v for k, v in params.items()})
     net = create_model(TINY_JAX)
     with caplog.at_level(logging.WARNING, logger="vit_ms.checkpoint"):
         report = load_weights(net, tmp_path / "i21k.npz")
-    assert set(report.dropped) == {"pre_logits/kernel", "pre_logits/bias", "head/kernel", "head/bias"}
+    assert set(report.dropped) == {prefix + n for n in ("pre_logits/kernel", "pre_logits/bias", "head/kernel",
+                                                        "head/bias")}
     assert report.initialised == ["head.weight", "head.bias"]
     assert "pre-logits" in caplog.text and not net.head.weight.asnumpy().any()  # the zero-initialised head
 

@@ -29,8 +29,9 @@ _STATE_NAMES = {"global_step", "beta1_power", "beta2_power", "learning_rate", "m
                 "last_overflow_iterator_step"}
 # Representation ("pre-logits") layers that some ImageNet-21k checkpoints put between the encoder and the
 # head; this ViT has none (as in the paper's fine-tuning), so they and the head trained on them are dropped.
-_PRE_LOGITS = re.compile(r"pre_logits[./]|heads\.pre_logits\.")
-_HEADS = re.compile(r"head[./](weight|bias|kernel)|heads\.head\.(weight|bias)|dense\.(weight|bias)")
+# (A big_vision train state nests everything under `params/`.)
+_PRE_LOGITS = re.compile(r"(?:params/)?(?:pre_logits[./]|heads\.pre_logits\.)")
+_HEADS = re.compile(r"(?:params/)?(?:head[./](weight|bias|kernel)|heads\.head\.(weight|bias)|dense\.(weight|bias))")
 
 
 def is_training_state(name: str) -> bool:
