@@ -125,8 +125,10 @@ def save_checkpoint(params, path, metadata: dict) -> Path:
     entries = _entries(params)
     values = {name: data.asnumpy() if hasattr(data, "asnumpy") else np.asarray(data) for name, data in entries}
     meta = with_integrity(metadata, values)
-    # Write the arrays the digest was computed from, so what is verified is exactly what was written.
-    save_list = [{"name": name, "data": ms.Tensor(np.ascontiguousarray(values[name]))} for name, _ in entries]
+    # The tensors themselves are written (no second copy of a large train network); nothing changes them
+    # between the digest and the write, which run back to back in this thread.
+    save_list = [{"name": name, "data": data if isinstance(data, ms.Tensor) else ms.Tensor(values[name])}
+                 for name, data in entries]
     # The suffix must be .ckpt: ms.save_checkpoint appends it to any name that lacks it.
     with atomic_path(path, suffix=".ckpt") as tmp:
         ms.save_checkpoint(save_list, str(tmp), append_dict={META_KEY: json.dumps(meta)})
