@@ -24,7 +24,9 @@ setup(
         "matplotlib>=3.5",  # training curves, confusion matrix, attention maps
     ],
     # onnx: export.py --file_format ONNX writes the graph with it (opset 17); onnxruntime checks the file.
-    # test: references only, never imported by vit_ms: PyTorch for numerical parity.
+    # test: references only, never imported by vit_ms: PyTorch for numerical parity, onnx/onnxruntime for
+    # ONNX exports, transformers and timm for checkpoint parity (tested with transformers 5.23.0, timm 1.0.31).
     extras_require={"onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
-                    "test": ["pytest>=7", "torch==2.13.0", "onnx>=1.14", "onnxruntime>=1.16"]},
+                    "test": ["pytest>=7", "torch==2.13.0", "onnx>=1.14", "onnxruntime>=1.16", "transformers>=4.40",
+                             "timm>=1.0"]},
 )

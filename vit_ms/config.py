@@ -15,6 +15,8 @@ from typing import Tuple
 # ImageNet statistics in [0, 1] units; the pipelines scale them to [0, 255] for `Normalize`.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resize filters a checkpoint may ask for (PIL / MindSpore names).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area", "lanczos")
 
 
 def check_fields(cls, keys) -> None:
@@ -139,18 +141,30 @@ class Preprocess:
     """How images are prepared for a model; stored in every checkpoint so train, eval and infer agree."""
 
     image_size: int = 224  # side of the square crop fed to the model
-    mean: Tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean, [0, 1] units
-    std: Tuple[float, float, float] = IMAGENET_STD  # per-channel std, [0, 1] units
+    mean: Tuple[float, ...] = IMAGENET_MEAN  # per-channel mean, [0, 1] units, one value per input channel
+    std: Tuple[float, ...] = IMAGENET_STD  # per-channel std, [0, 1] units, one value per input channel
     crop_pct: float = 224 / 256  # eval: resize the short side to image_size / crop_pct, then center crop
     interpolation: str = "bilinear"  # resize filter
 
     def __post_init__(self):
-        if self.image_size <= 0:
-            raise ValueError(f"Preprocess.image_size must be positive, got {self.image_size!r}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
+            raise ValueError(f"Preprocess.image_size must be a positive integer, got {self.image_size!r}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"Preprocess.crop_pct must be in (0, 1], got {self.crop_pct!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("Preprocess.mean and Preprocess.std need three values, std positive")
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(f"Preprocess.mean and Preprocess.std need one value per input channel, the same "
+                             f"number each; got {len(self.mean)} mean and {len(self.std)} std value(s)")
+        if min(self.std) <= 0:
+            raise ValueError(f"Preprocess.std values must be positive, got {tuple(self.std)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"Preprocess.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        # Stored as tuples whatever was passed (lists from JSON, NumPy arrays), so instances compare equal.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
 
     @property
     def resize_size(self) -> int:
@@ -159,6 +173,11 @@ class Preprocess:
 
     @classmethod
     def for_model(cls, config: ViTConfig, **overrides) -> "Preprocess":
+        """The default preprocessing of a model: ImageNet statistics for RGB; for another channel count the
+        channel average of ImageNet's, once per channel (a grayscale model gets (0.449,), (0.226,))."""
+        if config.in_channels != len(IMAGENET_MEAN) and "mean" not in overrides:
+            overrides = {"mean": (round(sum(IMAGENET_MEAN) / 3, 3),) * config.in_channels,
+                         "std": (round(sum(IMAGENET_STD) / 3, 3),) * config.in_channels, **overrides}
         return cls(image_size=config.image_size, **overrides)
 
     def to_dict(self) -> dict:

@@ -1,19 +1,11 @@
-"""Checkpoints: every naming scheme loads with the original's logits, foreign formats against independent
-references (PyTorch models with timm's and torchvision's exact parameter names, a NumPy forward pass in
-JAX's layout), head dropping, pos-embed resampling, every error case leaving the net untouched, the
-named pretrained download (over a loopback HTTP server) and convert.py as a user runs it."""
-import collections
+"""Checkpoints, naming schemes: every scheme loads with the original's logits, against independent references
+(PyTorch models with timm's and torchvision's exact parameter names, a NumPy forward pass in JAX's layout, the
+tutorial's and mindcv's key lists), head dropping, pos-embed resampling, and every error case leaving the net
+untouched. The registry test enumerates `FORMATS`."""
 import dataclasses
-import functools
-import http.server
-import importlib.util
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import mindspore as ms
@@ -22,145 +14,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import save_file as save_safetensors_numpy
-from safetensors.torch import save_file as save_safetensors_torch
 
-from vit_ms import ViTConfig, create_model, load_weights, resolve_pretrained
-from vit_ms.checkpoint import (SOURCES, CheckpointError, META_KEY, convert, default_cache_dir, detect_source,
-                               infer_config, load_model, make_metadata, read_metadata, resample_pos_embed,
-                               save_checkpoint)
-
-REPO = Path(__file__).resolve().parents[1]
-# Names and shapes of the 152 tensors in the tutorial's vit_b_16_224.ckpt.
-TUTORIAL_KEYS = Path(__file__).parent / "data" / "tutorial_vit_b_16_keys.json"
-
-# PyTorch conventions (timm / torchvision): exact GELU, epsilon 1e-6.
-TINY = ViTConfig(image_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=2, num_heads=4, mlp_dim=128)
-TINY_TUTORIAL = dataclasses.replace(TINY, norm_eps=1e-7, gelu_approximate=True)
-TINY_JAX = dataclasses.replace(TINY, gelu_approximate=True)  # Flax's nn.gelu is the tanh form
-
-
-@pytest.fixture(autouse=True)
-def _pynative():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
-def images(config, n=2, seed=1):
-    return np.random.default_rng(seed).normal(size=(n, 3, config.image_size, config.image_size)).astype(np.float32)
-
-
-def logits(net, x):
-    net.set_train(False)
-    return net(ms.Tensor(x)).asnumpy()
-
-
-def random_net(config, seed=0):
-    """A ViT whose every parameter (CLS token, head and LayerNorms included) is random."""
-    net = create_model(config)
-    rng = np.random.default_rng(seed)
-    for name, p in net.parameters_and_names():
-        value = rng.normal(0.0, 0.2, size=p.shape)
-        if name.endswith("gamma"):
-            value += 1.0
-        p.set_data(ms.Tensor(value.astype(np.float32)))
-    return net
-
-
-def numpy_params(net):
-    return {name: p.asnumpy().copy() for name, p in net.parameters_and_names()}
-
-
-def assert_untouched(net, before):
-    after = numpy_params(net)
-    assert after.keys() == before.keys()
-    for name in before:
-        assert np.array_equal(after[name], before[name]), f"{name} changed by a failed load"
-
-
-def save_ms(params: dict, path, append_dict=None):
-    ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.ascontiguousarray(v))} for k, v in params.items()],
-                       str(path), append_dict=append_dict)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------
-# Our own checkpoints
-# ---------------------------------------------------------------------------------------------------
-
-def test_own_checkpoint_with_optimizer_state_round_trips(tmp_path):
-    net = random_net(TINY)
-    params = numpy_params(net)
-    # What a training checkpoint carries beside the weights (nn.Adam, AdamWeightDecay, the loop).
-    state = {f"moment1.{k}": v * 0 + 1 for k, v in params.items()}
-    state.update({f"adam_m.{k}": v for k, v in list(params.items())[:3]})
-    state.update({"beta1_power": np.array([0.9], np.float32), "learning_rate": np.array(1e-3, np.float32),
-                  "global_step": np.array([7], np.int32)})
-    path = save_ms({**params, **state}, tmp_path / "ours.ckpt",
-                   append_dict={META_KEY: json.dumps(make_metadata(TINY, class_names=list("abcdefghij")))})
-
-    fresh = create_model(TINY)
-    report = load_weights(fresh, path)
-    assert report.source == "vit_ms"
-    assert sorted(report.loaded) == sorted(params)
-    assert set(report.dropped) == set(state) and set(report.dropped.values()) == {"optimizer / training state"}
-    assert report.metadata["class_names"] == list("abcdefghij")
-    np.testing.assert_array_equal(logits(fresh, images(TINY)), logits(net, images(TINY)))
-
-    loaded, meta = load_model(path)
-    assert loaded.config == TINY and meta["class_names"][0] == "a"
-    np.testing.assert_array_equal(logits(loaded, images(TINY)), logits(net, images(TINY)))
-
-
-@pytest.mark.parametrize("optimizer", [ms.nn.Adam, ms.nn.AdamWeightDecay, ms.nn.Momentum, ms.nn.SGD])
-def test_training_checkpoint_of_the_train_network_loads(tmp_path, optimizer):
-    # What train.py's last.ckpt holds: the whole TrainOneStepWithLossScaleCell, optimizer state included.
-    net = random_net(TINY, seed=6)
-    opt = optimizer(net.trainable_params(), 0.1, **({"momentum": 0.9} if optimizer is ms.nn.Momentum else {}))
-    loss = ms.nn.WithLossCell(net, ms.nn.SoftmaxCrossEntropyWithLogits(sparse=True))
-    cell = ms.nn.TrainOneStepWithLossScaleCell(loss, opt, ms.Tensor(1024.0))
-    path = save_checkpoint(cell, tmp_path / "last.ckpt", make_metadata(TINY, epoch=1))
-    loaded, _ = load_model(path)
-    np.testing.assert_array_equal(logits(loaded, images(TINY)), logits(net, images(TINY)))
-
-
-def test_save_checkpoint_is_read_back_by_load_model(tmp_path):
-    net = random_net(TINY, seed=3)
-    path = save_checkpoint(net, tmp_path / "sub" / "model.ckpt", make_metadata(TINY, epoch=4))
-    assert read_metadata(path)["epoch"] == 4
-    loaded, _ = load_model(path)
-    np.testing.assert_array_equal(logits(loaded, images(TINY)), logits(net, images(TINY)))
-
+from checkpoint_helpers import (TINY, TINY_JAX, TINY_TUTORIAL, TUTORIAL_KEYS, TimmViT, TorchvisionViT,  # noqa: F401
+                                _pynative, assert_untouched, images, logits, numpy_params, ours_for_tutorial,
+                                random_net, random_torch, save_ms, save_state_dict, torch_logits,
+                                tutorial_names_for, old_torchvision_name)
+from vit_ms import ViTConfig, create_model, load_weights
+from vit_ms.checkpoint import (FORMATS, SOURCES, CheckpointError, convert, detect_source, infer_config,
+                               load_model, make_metadata, resample_pos_embed, save_checkpoint)
 
 # ---------------------------------------------------------------------------------------------------
 # The tutorial's MindSpore checkpoint
 # ---------------------------------------------------------------------------------------------------
-
-def tutorial_names_for(depth):
-    """The tutorial's key list, with its layer-0 entries repeated for `depth` layers."""
-    keys = [name for name, _ in json.loads(TUTORIAL_KEYS.read_text())]
-    layer0 = [k for k in keys if k.startswith("transformer.layers.0.")]
-    others = [k for k in keys if not k.startswith("transformer.layers.")]
-    return others + [k.replace("layers.0.", f"layers.{i}.", 1) for i in range(depth) for k in layer0]
-
-
-# The tutorial's module tree (TUTORIAL.md): ResidualCell(cell=SequentialCell([LayerNorm, Attention]))
-# and ResidualCell(cell=SequentialCell([LayerNorm, FeedForward])) per layer.
-TUTORIAL_TO_OURS = {"cls": "cls_token", "pos_embedding": "pos_embed", "patch_embedding.conv.": "patch_embed.proj.",
-                    "norm.": "norm.", "dense.": "head.", "0.cell.0.": "norm1.", "0.cell.1.qkv.": "attn.qkv.",
-                    "0.cell.1.out.": "attn.proj.", "1.cell.0.": "norm2.", "1.cell.1.dense1.": "mlp.fc1.",
-                    "1.cell.1.dense2.": "mlp.fc2."}
-
-
-def ours_for_tutorial(name):
-    if name.startswith("transformer.layers."):
-        i, rest = name[len("transformer.layers."):].split(".", 1)
-        prefix = next(k for k in TUTORIAL_TO_OURS if rest.startswith(k))
-        return f"blocks.{i}." + TUTORIAL_TO_OURS[prefix] + rest[len(prefix):]
-    prefix = next(k for k in TUTORIAL_TO_OURS if name.startswith(k))
-    return TUTORIAL_TO_OURS[prefix] + name[len(prefix):]
-
 
 def test_tutorial_checkpoint_loads_with_identical_logits(tmp_path):
     net = random_net(TINY_TUTORIAL)
@@ -197,145 +62,6 @@ def test_real_tutorial_key_list_loads_into_the_tutorial_preset(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # timm and torchvision: PyTorch models with their exact parameter names
 # ---------------------------------------------------------------------------------------------------
-
-class TimmAttention(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.num_heads = c.num_heads
-        self.qkv = torch.nn.Linear(c.embed_dim, 3 * c.embed_dim)
-        self.proj = torch.nn.Linear(c.embed_dim, c.embed_dim)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-
-
-class TimmMlp(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(c.embed_dim, c.mlp_dim)
-        self.fc2 = torch.nn.Linear(c.mlp_dim, c.embed_dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class TimmBlock(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.norm1 = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
-        self.attn = TimmAttention(c)
-        self.norm2 = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
-        self.mlp = TimmMlp(c)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class TimmPatchEmbed(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.proj = torch.nn.Conv2d(c.in_channels, c.embed_dim, c.patch_size, c.patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class TimmViT(torch.nn.Module):
-    """timm's VisionTransformer parameter names: cls_token, pos_embed, patch_embed.proj, blocks.{i}...."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.patch_embed = TimmPatchEmbed(c)
-        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-        self.pos_embed = torch.nn.Parameter(torch.zeros(1, c.num_patches + 1, c.embed_dim))
-        self.blocks = torch.nn.ModuleList(TimmBlock(c) for _ in range(c.depth))
-        self.norm = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
-        self.head = torch.nn.Linear(c.embed_dim, c.num_classes)
-
-    def forward(self, x):
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x)[:, 0])
-
-
-class TorchvisionEncoderBlock(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.ln_1 = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
-        self.self_attention = torch.nn.MultiheadAttention(c.embed_dim, c.num_heads, batch_first=True)
-        self.ln_2 = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(c.embed_dim, c.mlp_dim), torch.nn.GELU(), torch.nn.Dropout(0.0),
-                                       torch.nn.Linear(c.mlp_dim, c.embed_dim), torch.nn.Dropout(0.0))
-
-    def forward(self, x):
-        y = self.ln_1(x)
-        x = x + self.self_attention(y, y, y, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class TorchvisionEncoder(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.pos_embedding = torch.nn.Parameter(torch.zeros(1, c.num_patches + 1, c.embed_dim))
-        self.layers = torch.nn.Sequential(collections.OrderedDict(
-            (f"encoder_layer_{i}", TorchvisionEncoderBlock(c)) for i in range(c.depth)))
-        self.ln = torch.nn.LayerNorm(c.embed_dim, eps=1e-6)
-
-    def forward(self, x):
-        return self.ln(self.layers(x + self.pos_embedding))
-
-
-class TorchvisionViT(torch.nn.Module):
-    """torchvision's VisionTransformer parameter names: class_token, conv_proj, encoder.*, heads.head."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv_proj = torch.nn.Conv2d(c.in_channels, c.embed_dim, c.patch_size, c.patch_size)
-        self.class_token = torch.nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-        self.encoder = TorchvisionEncoder(c)
-        self.heads = torch.nn.Sequential(collections.OrderedDict(head=torch.nn.Linear(c.embed_dim, c.num_classes)))
-
-    def forward(self, x):
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.heads(self.encoder(x)[:, 0])
-
-
-def random_torch(cls, config, seed=0):
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.2)
-            if name.endswith("weight") and p.ndim == 1:  # LayerNorm scales near 1
-                p.add_(1.0)
-    return model
-
-
-def torch_logits(model, x):
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
-
-
-def save_state_dict(model, path, rename=None):
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if rename:
-        sd = {rename(k): v for k, v in sd.items()}
-    if path.suffix == ".safetensors":
-        save_safetensors_torch(sd, str(path))
-    else:
-        torch.save(sd, str(path))
-    return path
-
-
-def old_torchvision_name(name):  # torchvision < 0.13 named the MLP's linears linear_1 / linear_2
-    return name.replace(".mlp.0.", ".mlp.linear_1.").replace(".mlp.3.", ".mlp.linear_2.")
-
 
 @pytest.mark.parametrize("scheme, suffix", [("timm", ".safetensors"), ("timm", ".pth"),
                                             ("torchvision", ".safetensors"), ("torchvision", ".pth"),
@@ -483,14 +209,16 @@ def test_jax_npz_matches_a_numpy_forward_in_jax_layout(tmp_path, variant):
     np.testing.assert_allclose(logits(net, x), jax_forward(params, TINY_JAX, base, x), rtol=0, atol=1e-5)
 
 
-def test_jax_pre_logits_and_the_head_on_top_are_dropped(tmp_path, caplog):
+@pytest.mark.parametrize("prefix", ["", "params/"])  # a checkpoint, and a big_vision train state
+def test_jax_pre_logits_and_the_head_on_top_are_dropped(tmp_path, caplog, prefix):
     params = random_jax_params(TINY_JAX, "vit_jax")
     params.update({"pre_logits/kernel": np.ones((64, 64), np.float32), "pre_logits/bias": np.ones(64, np.float32)})
-    np.savez(tmp_path / "i21k.npz", **params)
+    np.savez(tmp_path / "i21k.npz", **{prefix + k: v for k, v in params.items()})
     net = create_model(TINY_JAX)
     with caplog.at_level(logging.WARNING, logger="vit_ms.checkpoint"):
         report = load_weights(net, tmp_path / "i21k.npz")
-    assert set(report.dropped) == {"pre_logits/kernel", "pre_logits/bias", "head/kernel", "head/bias"}
+    assert set(report.dropped) == {prefix + n for n in ("pre_logits/kernel", "pre_logits/bias", "head/kernel",
+                                                        "head/bias")}
     assert report.initialised == ["head.weight", "head.bias"]
     assert "pre-logits" in caplog.text and not net.head.weight.asnumpy().any()  # the zero-initialised head
 
@@ -702,128 +430,99 @@ def test_detect_source_and_convert_and_infer_config():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Named pretrained checkpoint: download into the cache, offline error
+# The registry: every scheme has its module, is detected from its own names, and converts to ours
 # ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def http_root(tmp_path):
-    """A loopback HTTP server over a folder; yields (folder, base URL)."""
-    root = tmp_path / "server"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/vision/classification"
-    server.shutdown()
-    server.server_close()
+def _mindcv_first_generation(ours):
+    """mindcv's first-generation names (mindcv/models/vit.py at 0fb3f772): the tutorial's layout under
+    `backbone.` (Parameters `cls` / `pos_embedding` named at creation) and `head.classifier.*`."""
+    out = {}
+    for name in tutorial_names_for(TINY.depth):
+        theirs = f"head.classifier.{name[len('dense.'):]}" if name.startswith("dense.") else f"backbone.{name}"
+        out[theirs] = ours[ours_for_tutorial(name)]
+    return out
 
 
-def test_named_pretrained_is_downloaded_once_into_the_cache(tmp_path, http_root):
-    root, base_url = http_root
-    payload = np.random.default_rng(0).bytes(300_000)
-    (root / "vision" / "classification").mkdir(parents=True)
-    (root / "vision" / "classification" / "vit_b_16_224.ckpt").write_bytes(payload)
-    cache = tmp_path / "cache"
-    path = resolve_pretrained("vit_b_16_224", cache_dir=cache, base_url=base_url)
-    assert path == cache / "vit_b_16_224.ckpt" and path.read_bytes() == payload
-    (root / "vision" / "classification" / "vit_b_16_224.ckpt").unlink()  # the cache needs no server
-    assert resolve_pretrained("vit_b_16_224", cache_dir=cache, base_url=base_url) == path
-    assert resolve_pretrained(str(path)) == path  # a path is returned as is
+def _hf_names(ours):  # the hub layout save_pretrained writes, built by hand from modeling_vit's module tree
+    out = {"vit.embeddings.cls_token": ours["cls_token"], "vit.embeddings.position_embeddings": ours["pos_embed"],
+           "classifier.weight": ours["head.weight"], "classifier.bias": ours["head.bias"]}
+    for kind in ("weight", "bias"):
+        out[f"vit.embeddings.patch_embeddings.projection.{kind}"] = ours[f"patch_embed.proj.{kind}"]
+        out[f"vit.layernorm.{kind}"] = ours["norm." + ("gamma" if kind == "weight" else "beta")]
+        for i in range(TINY.depth):
+            b, o = f"vit.encoder.layer.{i}.", f"blocks.{i}."
+            for part, rows in zip(("query", "key", "value"), np.split(ours[o + f"attn.qkv.{kind}"], 3)):
+                out[b + f"attention.attention.{part}.{kind}"] = rows
+            out[b + f"attention.output.dense.{kind}"] = ours[o + f"attn.proj.{kind}"]
+            out[b + f"intermediate.dense.{kind}"] = ours[o + f"mlp.fc1.{kind}"]
+            out[b + f"output.dense.{kind}"] = ours[o + f"mlp.fc2.{kind}"]
+            ln = "gamma" if kind == "weight" else "beta"
+            out[b + f"layernorm_before.{kind}"] = ours[o + f"norm1.{ln}"]
+            out[b + f"layernorm_after.{kind}"] = ours[o + f"norm2.{ln}"]
+    return out
 
 
-@pytest.mark.parametrize("why", ["refused", "not_found"])
-def test_failed_download_says_where_to_put_the_file(tmp_path, http_root, why):
-    _, base_url = http_root
-    if why == "refused":
-        with socket.socket() as s:  # a port nobody listens on
-            s.bind(("127.0.0.1", 0))
-            base_url = f"http://127.0.0.1:{s.getsockname()[1]}/x"
-    cache = tmp_path / "cache"
-    with pytest.raises(RuntimeError) as error:
-        resolve_pretrained("vit_b_16_224", cache_dir=cache, base_url=base_url)
-    message = str(error.value)
-    assert f"{base_url}/vit_b_16_224.ckpt" in message
-    assert f"put it at {cache / 'vit_b_16_224.ckpt'}" in message
-    assert not (cache / "vit_b_16_224.ckpt").exists()
+SAMPLES = {  # scheme -> (its names for a TINY net's weights `ours`), built without vit_ms's own converters
+    "vit_ms": lambda ours: dict(ours),
+    "timm": lambda ours: {k.replace(".gamma", ".weight").replace(".beta", ".bias"): v for k, v in ours.items()},
+    "tutorial": lambda ours: {n: ours[ours_for_tutorial(n)] for n in tutorial_names_for(TINY.depth)},
+    "mindcv": _mindcv_first_generation,
+    "hf": _hf_names,
+    "torchvision": None,  # from TorchvisionViT's state dict (its own module tree)
+    "jax": None,  # from random_jax_params (JAX layout)
+}
 
 
-def test_pretrained_names_and_cache_dir(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="neither a file nor a named pretrained checkpoint.*vit_b_16_224"):
-        resolve_pretrained("vit_z_99")
-    monkeypatch.setenv("VIT_MS_HOME", str(tmp_path / "home"))
-    assert default_cache_dir() == tmp_path / "home"
-    monkeypatch.delenv("VIT_MS_HOME")
-    assert default_cache_dir() == Path.home() / ".cache" / "vit_ms"
+def test_every_registered_scheme_has_a_module_is_detected_and_converts():
+    assert set(SAMPLES) == set(FORMATS) == set(SOURCES), "a new scheme needs a sample here"
+    formats_dir = Path(__file__).resolve().parents[1] / "vit_ms" / "checkpoint" / "formats"
+    ours = numpy_params(random_net(TINY, seed=21))
+    for name, fmt in FORMATS.items():
+        assert (formats_dir / f"{name}.py").is_file(), f"{name}: one module per scheme"
+        if name == "torchvision":
+            sample = {k: v.numpy() for k, v in random_torch(TorchvisionViT, TINY).state_dict().items()}
+        elif name == "jax":
+            sample = random_jax_params(TINY_JAX, "big_vision")
+        else:
+            sample = SAMPLES[name](ours)
+        assert detect_source(sample) == name
+        converted = convert(sample, name)
+        assert set(converted) == set(ours), name
+        if name not in ("torchvision", "jax"):
+            for key, value in converted.items():
+                np.testing.assert_array_equal(value, ours[key], err_msg=f"{name}: {key}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# convert.py as a user runs it
-# ---------------------------------------------------------------------------------------------------
-
-def run_convert(tmp_path, *args):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GLOG_v": "3"}
-    return subprocess.run([sys.executable, str(REPO / "convert.py"), *map(str, args)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_convert_cli_help(tmp_path):
-    result = run_convert(tmp_path, "--help")
-    assert result.returncode == 0
-    for flag in ("--source", "--model", "--num_classes", "--image_size", "--num_heads", "--mean", "--std"):
-        assert flag in result.stdout
-    assert "{" + ",".join(("auto",) + SOURCES) + "}" in result.stdout  # convert.py spells SOURCES out
+def test_mindcv_first_generation_checkpoint_loads_with_the_original_logits(tmp_path):
+    net = random_net(TINY_TUTORIAL, seed=22)  # mindcv builds nn.GELU() (tanh) and nn.LayerNorm (1e-7)
+    sample = _mindcv_first_generation(numpy_params(net))
+    sample["adam_m.backbone.norm.gamma"] = np.zeros(64, np.float32)  # a mindcv training checkpoint's state
+    path = save_ms(sample, tmp_path / "vit_b_32_224-7553218f.ckpt")
+    fresh = create_model(TINY_TUTORIAL)
+    report = load_weights(fresh, path)
+    assert report.source == "mindcv" and set(report.dropped) == {"adam_m.backbone.norm.gamma"}
+    np.testing.assert_array_equal(logits(fresh, images(TINY)), logits(net, images(TINY)))
 
 
-def test_convert_cli_timm_to_a_checkpoint_load_model_reads(tmp_path):
-    model = random_torch(TimmViT, TINY, seed=9)
-    src = save_state_dict(model, tmp_path / "timm_tiny.safetensors")
-    result = run_convert(tmp_path, src, tmp_path / "out" / "tiny.ckpt", "--num_heads", "4")
-    assert result.returncode == 0, result.stderr
-    assert "wrote" in result.stdout and "timm names" in result.stdout
-    net, meta = load_model(tmp_path / "out" / "tiny.ckpt")
-    assert net.config == TINY  # shapes from the weights, heads from the flag, PyTorch numerics
-    assert meta["source"] == "timm" and meta["preprocess"]["mean"] == [0.485, 0.456, 0.406]
-    x = images(TINY)
-    np.testing.assert_allclose(logits(net, x), torch_logits(model, x), rtol=0, atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "timm_tiny.safetensors"]  # nothing else written
+def test_mindcv_pre_logits_head_is_dropped_with_its_reason(tmp_path):
+    sample = _mindcv_first_generation(numpy_params(random_net(TINY_TUTORIAL, seed=23)))
+    sample["head.classifier.1.classifier.weight"] = sample.pop("head.classifier.weight")
+    sample["head.classifier.1.classifier.bias"] = sample.pop("head.classifier.bias")
+    sample["head.classifier.0.classifier.weight"] = np.zeros((64, 64), np.float32)  # has_logits=True
+    sample["head.classifier.0.classifier.bias"] = np.zeros(64, np.float32)
+    report = load_weights(create_model(TINY_TUTORIAL), save_ms(sample, tmp_path / "logits.ckpt"))
+    assert report.dropped["head.classifier.0.classifier.weight"].startswith("pre-logits")
+    assert report.dropped["head.classifier.1.classifier.weight"].startswith("head trained on top")
+    assert report.initialised == ["head.weight", "head.bias"]
 
 
+def test_mindcv_second_generation_names_are_ours_and_take_mindcv_numerics(tmp_path):
+    from vit_ms.checkpoint import convert_checkpoint
 
-def test_convert_cli_reports_a_bad_file_without_a_traceback(tmp_path, caplog):
-    # In-process (the subprocess tests above cover the real command line).
-    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "convert.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    with caplog.at_level(logging.ERROR):
-        assert cli.main([str(_garbage(tmp_path, ".ckpt")), str(tmp_path / "bad.ckpt")]) == 1
-        assert cli.main([str(tmp_path / "missing.npz"), str(tmp_path / "bad.ckpt")]) == 1
-    assert "truncated or corrupt" in caplog.text and "missing.npz is neither a file" in caplog.text
-    assert not (tmp_path / "bad.ckpt").exists()
-
-
-def test_convert_cli_tutorial_names_new_classes_and_image_size(tmp_path):
-    net = random_net(TINY_TUTORIAL)
-    params = numpy_params(net)
-    src = save_ms({name: params[ours_for_tutorial(name)] for name in tutorial_names_for(2)}, tmp_path / "tut.ckpt")
-    result = run_convert(tmp_path, src, tmp_path / "tut5.ckpt", "--num_heads", "4", "--num_classes", "5",
-                         "--image_size", "48")
-    assert result.returncode == 0, result.stderr
-    converted, meta = load_model(tmp_path / "tut5.ckpt")
-    assert converted.config == dataclasses.replace(TINY_TUTORIAL, num_classes=5, image_size=48)
-    assert meta["preprocess"]["image_size"] == 48
-    loaded = numpy_params(converted)
-    np.testing.assert_array_equal(loaded["blocks.1.attn.qkv.weight"], params["blocks.1.attn.qkv.weight"])
-    np.testing.assert_array_equal(loaded["pos_embed"], resample_pos_embed(params["pos_embed"], 6))
-    assert not loaded["head.weight"].any()
-    assert "head for 10 classes" in result.stderr and "4x4 to a 6x6" in result.stderr
-
-
-def test_read_metadata_is_none_for_a_sound_checkpoint_without_it(tmp_path):
-    path = str(tmp_path / "plain.ckpt")
-    ms.save_checkpoint([{"name": "w", "data": ms.Tensor(np.ones(2, np.float32))}], path)
-    assert read_metadata(path) is None
-    (tmp_path / "cut.ckpt").write_bytes(open(path, "rb").read()[:20])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        read_metadata(str(tmp_path / "cut.ckpt"))
+    net = random_net(TINY_TUTORIAL, seed=24)
+    path = save_ms(numpy_params(net), tmp_path / "vit_l_16_224-d2635f8b.ckpt")
+    assert detect_source(numpy_params(net)) == "vit_ms"  # same names as ours: no way to tell them apart
+    _, _, config = convert_checkpoint(path, tmp_path / "out.ckpt", source="mindcv", num_heads=4)
+    assert config == TINY_TUTORIAL  # MindSpore's tanh GELU and epsilon 1e-7
+    converted, _ = load_model(tmp_path / "out.ckpt")
+    np.testing.assert_array_equal(logits(converted, images(TINY)), logits(net, images(TINY)))
