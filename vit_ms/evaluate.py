@@ -130,6 +130,10 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
         if not Path(mindir).is_file():  # the model first: its sidecar is missing too, but that is not the news
             raise FileNotFoundError(f"MINDIR file {mindir} not found")
         meta = read_sidecar(mindir)
+        if meta.get("export", {}).get("with_preprocess"):
+            raise ValueError(f"{mindir} was exported with --with_preprocess: it takes uint8 images of one fixed "
+                             f"size, not this pipeline's tensors; serve it directly (README, 'Deploy'), or "
+                             f"export without --with_preprocess for eval.py/infer.py")
         net = load_mindir(mindir)
         config = ViTConfig.from_dict(meta["model"])
         preprocess = Preprocess.from_dict(meta["preprocess"])
@@ -139,15 +143,27 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
         if pretrained is None:
             raise ValueError(f"model {model!r} needs pretrained weights (a file path or a name known to "
                              f"vit_ms.checkpoint.resolve_pretrained)")
-        from .checkpoint import load_weights, resolve_pretrained
+        from .checkpoint import ZOO, load_weights, resolve_pretrained
         from .model import create_model
 
         overrides = {"num_classes": num_classes} if num_classes else {}
-        config = get_config(model, **overrides)
-        net = create_model(config)
-        path = resolve_pretrained(pretrained)
-        load_weights(net, path)
-        preprocess = Preprocess.for_model(config)
+        entry = ZOO.get(str(pretrained))
+        if entry is not None:
+            # A named download brings its own architecture and preprocessing (AugReg weights use mean/std
+            # 0.5, not ImageNet's); the preset named by `model` must agree with it.
+            if model != entry.preset and model not in (None, ""):
+                logger.warning("%s is a %s; using that architecture instead of --model %s", pretrained,
+                               entry.preset, model)
+            config, preprocess = entry.config(**overrides), entry.preprocess()
+            net = create_model(config)
+            path = resolve_pretrained(pretrained)
+            load_weights(net, path, source=entry.source)
+        else:
+            config = get_config(model, **overrides)
+            net = create_model(config)
+            path = resolve_pretrained(pretrained)
+            load_weights(net, path)
+            preprocess = Preprocess.for_model(config)
         # Foreign ImageNet weights: the standard index order is the sorted wnids (the tutorial's folders).
         class_names = ([wnid for wnid, _ in imagenet_classes()]
                        if config.num_classes == len(imagenet_classes()) else None)
