@@ -193,30 +193,31 @@ def plot_training_curves(metrics_jsonl, out_png):
 
     Args:
         metrics_jsonl: the file `vit_ms.training` writes, one JSON object per epoch with at least
-            epoch, loss, top1 and top5 (val_loss drawn when present).
+            epoch, train_loss_smoothed and top1 (val_loss_smoothed and top5 drawn when present).
         out_png: the picture to write (its folder must exist).
 
     Returns:
         The path written.
     """
-    import json
     from pathlib import Path
 
     import matplotlib.pyplot as plt
 
-    lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    from .training.rundir import read_metrics
+
+    records = read_metrics(metrics_jsonl)
     if not records:
         raise ValueError(f"{metrics_jsonl} holds no epochs to plot")
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["loss"] for r in records], "o-", label="train loss")
-    if all("val_loss" in r for r in records):
-        ax_loss.plot(epochs, [r["val_loss"] for r in records], "s-", label="val loss")
+    ax_loss.plot(epochs, [r["train_loss_smoothed"] for r in records], "o-", label="train loss (label-smoothed)")
+    if all("val_loss_smoothed" in r for r in records):
+        ax_loss.plot(epochs, [r["val_loss_smoothed"] for r in records], "s-", label="val loss (label-smoothed)")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
     ax_acc.plot(epochs, [100 * r["top1"] for r in records], "o-", label="val top-1")
-    ax_acc.plot(epochs, [100 * r["top5"] for r in records], "s-", label="val top-5")
+    if all("top5" in r for r in records):  # written only for more than 5 classes
+        ax_acc.plot(epochs, [100 * r["top5"] for r in records], "s-", label="val top-5")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy", ylim=(0, 100))
     ax_acc.legend()
     for ax in (ax_loss, ax_acc):
