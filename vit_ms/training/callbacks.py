@@ -18,6 +18,7 @@ from mindspore import nn
 from mindspore.train import Callback
 
 from .. import checkpoint as ckpt
+from .. import files
 from . import rundir
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ class StopOnSignal(Callback):
     """SIGINT (Ctrl-C) and SIGTERM: the first ends the run after the current step, before anything of the
     unfinished epoch is written (an epoch being saved is finished first); a second exits at once.
 
-    Installed for the duration of `Model.fit` only; the previous handlers come back afterwards.
+    Installed for the duration of `Model.fit` only; the previous handlers come back afterwards. MindSpore
+    registers its own SIGINT handler when it builds a data pipeline (utils/signal_util.cc; it ends the
+    process with SIGTERM), so ours is put back at every step and after every evaluation.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -114,7 +117,14 @@ class StopOnSignal(Callback):
 
     def install(self) -> None:
         for signum in self.SIGNALS:
-            self.previous[signum] = signal.signal(signum, self._handle)
+            previous = signal.signal(signum, self._handle)
+            self.previous.setdefault(signum, previous)
+
+    def on_train_begin(self, run_context):
+        self.install()
+
+    on_train_epoch_begin = on_train_step_begin = on_train_epoch_end = on_train_begin
+    on_eval_begin = on_eval_step_end = on_eval_end = on_train_begin
 
     def uninstall(self) -> None:
         for signum, handler in self.previous.items():
@@ -239,6 +249,9 @@ class EpochRecorder(Callback):
         try:
             ckpt.save_checkpoint(params, path, meta)
         except (OSError, RuntimeError, ValueError) as error:  # a full disk surfaces as any of these
+            # ms.save_checkpoint leaves its own "<temporary>.tmp" behind when a write fails; only this rank
+            # writes into the folder, so every temporary in it is ours to remove.
+            files.remove_stale_temporaries(path.parent)
             kept = f"the previous {path.name} is kept" if path.is_file() else f"no {path.name} was written"
             raise rundir.RunFolderError(f"could not write {path} ({error}); {kept}. Free disk space, then "
                                         f"continue with: {rundir.resume_command(path.parent)}") from error
