@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     from vit_ms.data import DatasetError
     from vit_ms.training import (RunFolderError, TrainingDiverged, TrainingInterrupted, run_followups,
                                  train)
+    from vit_ms.training.distributed import DistributedJobError
 
     try:
         result = train(cfg)
@@ -172,6 +173,9 @@ def main(argv=None) -> int:
         return stop.exit_status  # train() has logged the last finished epoch and the --resume command
     except (TrainingDiverged, DatasetError, CheckpointError, RunFolderError):
         return 1  # train() has logged the reason and the fix, on the console and in train.log
+    except DistributedJobError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 1
     if result.rank == 0:  # under msrun one summary, from the rank that wrote the files
         print(f"best val top-1 {100 * result.best_top1:.2f}% after {result.epochs_done} epoch(s); "
               f"checkpoints in {result.output_dir}")

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import stat
@@ -355,3 +356,59 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoints(tmp_path):
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
     for name in ("last.ckpt", "best.ckpt"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
+def _rank_pids(marker: str) -> dict:
+    """{rank: pid} of the msrun workers whose command line holds `marker` (msrun exports RANK_ID)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if marker.encode() in cmdline and environ.get(b"MS_ROLE") == b"MS_WORKER":
+            found[int(environ[b"RANK_ID"])] = int(proc.name)
+    return found
+
+
+def test_msrun_worker_killed_ends_the_job_and_resume_continues_on_both_ranks(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out, record = tmp_path / "run", tmp_path / "record"
+
+    def msrun(logs, *extra):
+        return [str(Path(PYTHON).parent / "msrun"), "--worker_num=2", "--local_worker_num=2",
+                f"--master_port={_free_port()}", f"--log_dir={logs}", "--join=True", str(RECORDING_TRAIN),
+                str(record), "--distributed", "--output_dir", str(out), *extra]
+
+    args = ["--data_path", str(data), "--epochs", "3", *TINY_FLAGS, "--batch_size", "2"]
+    proc = subprocess.Popen(msrun(tmp_path / "log1", *args), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(read_metrics(out)) >= 1, proc, 200, "epoch 1 finished")
+        victim = _rank_pids(str(out))[1]
+        os.kill(victim, signal.SIGKILL)  # rank 1 dies in epoch 2
+        console, _ = proc.communicate(timeout=150)  # bounded: MindSpore's heartbeat times the job out
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert f"Worker process {victim} exit with exception. Error code: -9" in console, console[-3000:]
+    done = read_metadata(out / "last.ckpt")["epoch"]
+    assert done >= 1 and [r["epoch"] for r in read_metrics(out)][:done] == list(range(1, done + 1))
+    saved = ms.load_checkpoint(str(out / "last.ckpt"))
+    saved.pop("vit_ms_meta")
+
+    shutil.rmtree(record)
+    result = subprocess.run(msrun(tmp_path / "log2", "--resume"), cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=240)
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "log2").glob("worker_*.log")))
+    assert result.returncode == 0, logs
+    # Both ranks started from exactly what last.ckpt held, and the run finished every epoch once.
+    for rank in (0, 1):
+        start = ms.load_checkpoint(str(record / f"rank_{rank}_start.ckpt"))
+        for name, value in saved.items():
+            np.testing.assert_array_equal(start[name].asnumpy(), value.asnumpy(), err_msg=f"rank {rank} {name}")
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+    assert read_metadata(out / "last.ckpt")["epoch"] == 3
