@@ -8,8 +8,8 @@
     curves.png      loss and accuracy per epoch, drawn when training ends
 
 A new run never writes into a folder that holds another run: it is refused with a message naming
-`--resume` (continue that run) and `--overwrite` (replace it), as Hugging Face's Trainer refuses a
-non-empty `output_dir` without `overwrite_output_dir`. Nothing is created before the run's inputs are
+`--resume` (continue that run) and `--overwrite` (replace it), as Hugging Face's training scripts refuse
+a non-empty `--output_dir` without `--overwrite_output_dir`: the folder a user names is the folder used. Nothing is created before the run's inputs are
 checked (`check_run_folder` only reads), and log lines from before the folder exists are replayed into
 train.log once it does.
 """
