@@ -264,6 +264,29 @@ def test_followups_evaluate_infer_and_export_in_process(tiny_run, tmp_path, monk
     assert (out / "vit.mindir").stat().st_size > 0 and (out / "vit.mindir.json").is_file()
 
 
+def test_resume_continues_the_shuffle_order_of_an_uninterrupted_run(tiny_run, tmp_path):
+    from mindspore.train import Callback
+
+    class Labels(Callback):  # the labels of every training batch, per epoch
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def on_train_step_end(self, run_context):
+            cb_params = run_context.original_args()
+            labels = cb_params.train_dataset_element[1].asnumpy().tolist()
+            self.seen.setdefault(cb_params.cur_epoch_num, []).append(labels)
+
+    cfg, _ = tiny_run
+    whole, first, rest = Labels(), Labels(), Labels()
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")), callbacks=[whole])
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "split"), epochs=1), callbacks=[first])
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "split"), resume=True), callbacks=[rest])
+    assert sorted(whole.seen) == [1, 2, 3] and sorted(first.seen) == [1] and sorted(rest.seen) == [2, 3]
+    assert whole.seen[2] != whole.seen[3]  # the order does change between epochs, so equality means something
+    assert {**first.seen, **rest.seen} == whole.seen
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Run folders: never clobbered, nothing written before the inputs check out
 # ---------------------------------------------------------------------------------------------------------

@@ -235,6 +235,7 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
             rundir.trim_metrics(out, initial_epoch)
         logger.info("resumed from %s: epoch %d done, global step %d, best val top-1 %.2f%%", last_path,
                     initial_epoch, _global_step(trainer.optimizer), 100 * best_top1)
+        _skip_finished_epochs(batches.train, initial_epoch, batches.steps_per_epoch, sink_mode_for(cfg))
     result = TrainResult(out, initial_epoch, max(best_top1, 0.0), (rundir.read_metrics(out) or [None])[-1],
                          best_path, last_path, rank)
     if initial_epoch >= cfg.epochs:
@@ -286,6 +287,18 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
                     cfg.epochs - initial_epoch, time.perf_counter() - started, 100 * result.best_top1,
                     best_path, last_path)
     return result
+
+
+def _skip_finished_epochs(dataset, epochs_done: int, steps_per_epoch: int, sink_mode: bool) -> None:
+    """Start the train pipeline where an uninterrupted run would be after `epochs_done` epochs.
+
+    The shuffle order of every later epoch is then the uninterrupted run's (tested); random crops, flips
+    and stochastic depth draw new numbers (MindSpore's fast recovery skips without replaying the random
+    ops). The unit is MindSpore's own in `mindspore.train.model._calc_cb_initial_step`: epochs in sink
+    mode, steps otherwise.
+    """
+    if epochs_done:
+        dataset.set_init_step(epochs_done if sink_mode else epochs_done * steps_per_epoch)
 
 
 def _metadata(cfg: TrainConfig, batches: _Data) -> dict:
