@@ -182,7 +182,9 @@ def resolve_train_config(recipe: Optional[str] = None, config_file=None, **overr
     if overrides.get("resume"):
         saved = Path(overrides.get("output_dir", cfg.output_dir)).expanduser() / CONFIG_FILE
         if saved.is_file():
-            cfg = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+            values = json.loads(saved.read_text(encoding="utf-8"))
+            values.pop("debug_dir", None)  # a test hook of earlier versions, no longer a setting
+            cfg = TrainConfig.from_dict(values)
             # A resumed run is never an overwrite, whatever the saved run was started with.
             cfg = dataclasses.replace(cfg, overwrite=False)
     if "model_overrides" in overrides and "model" not in overrides:

@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     writer = rank == 0
     logs = rundir.RunLogging(rank if cfg.distributed else None, quiet=not writer)
     try:
-        inputs = _check_inputs(cfg)
+        inputs = _check_inputs(cfg, writer)
         batches = _build_data(cfg, inputs.root, rank, group_size)
         trainer = _build_trainer(cfg, batches, inputs.pretrained)
         if writer:
@@ -122,10 +122,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
         logs.close()
 
 
-def _check_inputs(cfg: TrainConfig) -> _Inputs:
+def _check_inputs(cfg: TrainConfig, writer: bool) -> _Inputs:
     """Everything that can fail before a file is written: the run folder's state, the data, the weights.
     Downloads happen here: offline, the run stops with a message naming the file and where to put it."""
-    out = rundir.check_run_folder(cfg)
+    out = rundir.check_run_folder(cfg, writer)
     root = resolve_data_root(cfg)
     pretrained = None
     if cfg.pretrained:

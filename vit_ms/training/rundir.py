@@ -45,8 +45,13 @@ def resume_command(out: Path) -> str:
     return f"python train.py --resume --output_dir {shlex.quote(str(out))}"
 
 
-def check_run_folder(cfg: TrainConfig) -> Path:
+def check_run_folder(cfg: TrainConfig, writer: bool = True) -> Path:
     """Check that `cfg.output_dir` may be used as asked, creating nothing; returns the folder.
+
+    Args:
+        cfg: output_dir, resume, overwrite.
+        writer: whether this process writes the folder. Under msrun only rank 0 does, and may already
+            have started the new run's files when another rank gets here, so only it checks for a run.
 
     Raises:
         RunFolderError: resuming a folder without last.ckpt, or starting a new run where one exists
@@ -57,6 +62,8 @@ def check_run_folder(cfg: TrainConfig) -> Path:
         if not (out / LAST_CKPT).is_file():
             raise RunFolderError(f"--resume: {out / LAST_CKPT} does not exist; run without --resume to start, "
                                  f"or pass the --output_dir of the run to continue")
+        return out
+    if not writer:
         return out
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--output_dir {out} is a file, not a folder")
