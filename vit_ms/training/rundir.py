@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -83,8 +84,6 @@ def existing_run_files(out: Path) -> List[Path]:
 def prepare_run_folder(cfg: TrainConfig, out: Path) -> List[Path]:
     """Create the folder; with --overwrite delete the earlier run's files; remove temporaries a killed
     writer left. Returns the stale temporaries removed. Call only after the inputs are checked."""
-    import shutil
-
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite and not cfg.resume:
         for path in existing_run_files(out):
