@@ -53,7 +53,8 @@ def test_help_explains_every_main_flag(tmp_path):
     assert result.returncode == 0, result.stderr
     for flag in ("--data_path", "--dataset", "--model", "--pretrained", "--epochs", "--batch_size", "--lr",
                  "--output_dir", "--resume", "--distributed", "--recipe", "--device_target", "--mode",
-                 "--amp_level", "--seed", "{sample,imagenet_subset}", "{CPU,GPU,Ascend}", "{graph,pynative}"):
+                 "--amp_level", "--seed", "--overwrite", "--check", "{full,header,none}", "{sample,imagenet_subset}",
+                 "{CPU,GPU,Ascend}", "{graph,pynative}"):
         assert flag in result.stdout, flag
     assert "msrun" in result.stdout and "tutorial" in result.stdout
 
