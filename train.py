@@ -3,28 +3,36 @@
     python train.py                                   # tiny ViT, embedded sample set, offline, CPU
     python train.py --recipe tutorial --device_target Ascend     # the MindSpore tutorial end to end
     python train.py --resume --output_dir outputs/train          # continue from last.ckpt
+    python train.py --overwrite                       # replace the run in outputs/train
     msrun --worker_num=8 --local_worker_num=8 --master_port=8118 --log_dir=msrun_log \\
         train.py --distributed --recipe tutorial --device_target Ascend
 
-A recipe (vit_ms.config.RECIPES) supplies every setting; flags given here override it. See README.md.
+A recipe (vit_ms.training.RECIPES) supplies every setting; flags given here override it. A new run
+refuses a --output_dir that holds another run: continue it with --resume or replace it with --overwrite.
+Ctrl-C stops after the current step and prints the --resume command. See README.md.
 """
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
+
+from vit_ms.cli import ArgumentParser, require_device_target
 
 BOOL = argparse.BooleanOptionalAction
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Every flag defaults to "not given" (SUPPRESS), so only the flags a user types override the recipe.
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            argument_default=argparse.SUPPRESS)
     add = parser.add_argument
     add("--recipe", help="named settings to start from: 'scratch' (default: a small ViT from scratch on the "
                          "sample set) or 'tutorial' (the MindSpore tutorial's fine-tuning, then eval/infer/export)")
     add("--config", dest="config_file", metavar="JSON",
         help="a JSON object of TrainConfig fields applied over the recipe (unknown keys are an error)")
-    add("--dry_run", action="store_true", help="print the resolved settings as JSON and exit")
+    add("--dry_run", action="store_true", help="print the resolved settings (every TrainConfig field) as JSON and exit")
 
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", choices=["sample", "imagenet_subset"],
@@ -32,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "tutorial's ImageNet subset (downloaded on first use)")
     group.add_argument("--data_path", help="an ImageFolder root holding train/<class>/ and val/<class>/ "
                                            "(overrides --dataset's location)")
+    group.add_argument("--check", dest="data_check", choices=["full", "header", "none"],
+                       help="image check before the first epoch: 'full' decodes every file (default), 'header' "
+                            "only opens it, 'none' trusts the files")
     group.add_argument("--augment", action=BOOL, help="random-resized-crop + flip on train images")
     group.add_argument("--crop_min_scale", type=float, help="smallest area fraction of the random training crop")
     group.add_argument("--num_workers", type=int, help="parallel decode workers per pipeline")
@@ -74,11 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, help="seed of weights, shuffling and augmentation (same on all ranks)")
     group.add_argument("--output_dir", help="where checkpoints, metrics.jsonl, train.log, curves.png and "
                                             "config.json go")
-    group.add_argument("--resume", action=BOOL, help="continue from OUTPUT_DIR/last.ckpt with its saved settings")
+    group.add_argument("--resume", action=BOOL, help="continue the run in OUTPUT_DIR from its last.ckpt, with its "
+                                                      "saved settings (flags given here override them)")
+    group.add_argument("--overwrite", action=BOOL, help="replace the run OUTPUT_DIR holds (its files are deleted "
+                                                         "once this run's inputs check out)")
     group.add_argument("--distributed", action=BOOL, help="data parallel, one process per device, under msrun")
-    group.add_argument("--progress_bar", action=BOOL, help="a progress bar per epoch")
+    group.add_argument("--progress_bar", action=BOOL, help="a progress bar per epoch (on a terminal only)")
     group.add_argument("--followups", action=BOOL, help="after training, evaluate, infer and export best.ckpt")
-    group.add_argument("--debug_dir", help=argparse.SUPPRESS)  # test hook: batches seen and weights per rank
     return parser
 
 
@@ -95,32 +108,81 @@ def _parse_overrides(pairs, parser) -> dict:
     return overrides
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def _quiet_mindspore() -> None:
+    # MindSpore reads these when it is imported; a user's own settings win. GLOG_v=2: warnings and errors,
+    # no INFO. The DISTRIBUTED sub-module (msrun's rendezvous) logs ~150 WARNING lines of connection
+    # retries per start on 2 CPU workers, so it reports errors only (MS_SUBMODULE_LOG_v, MindSpore's
+    # per-module level, mindspore.cn/docs/en/r2.1/note/env_var_list.html "Log"); on 2 CPU workers this
+    # takes the msrun console from 172 lines to 26.
+    os.environ.setdefault("GLOG_v", "2")
+    os.environ.setdefault("MS_SUBMODULE_LOG_v", "{DISTRIBUTED:3}")
+
+
+@contextlib.contextmanager
+def _console_logging():
+    # vit_ms's INFO lines on the console outside train() (which sets up its own console and train.log):
+    # settings adjusted while resolving, and the follow-up steps.
+    package = logging.getLogger("vit_ms")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    previous = package.level
+    package.setLevel(logging.INFO)
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
+
+
+def parse_config(argv=None, parser=None):
+    """(resolved TrainConfig, dry_run) from command-line arguments; bad flags exit with status 2."""
+    parser = parser or build_parser()
     args = vars(parser.parse_args(argv))
     if "model_overrides" in args:
         args["model_overrides"] = _parse_overrides(args["model_overrides"], parser)
     recipe, config_file, dry_run = args.pop("recipe", None), args.pop("config_file", None), args.pop("dry_run", False)
 
-    from vit_ms.checkpoint import CheckpointError
-    from vit_ms.data import DatasetError
-    from vit_ms.training import TrainingDiverged, resolve_train_config, run_followups, train
+    from vit_ms.training.config import resolve_train_config
 
     try:
-        cfg = resolve_train_config(recipe, config_file, **args)
+        with _console_logging():
+            cfg = resolve_train_config(recipe, config_file, **args)
     except (ValueError, OSError) as error:
         parser.error(str(error))
+    return cfg, dry_run
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    cfg, dry_run = parse_config(argv, parser)
     if dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    _quiet_mindspore()
+    require_device_target(parser, cfg.device_target)
+
+    from vit_ms.checkpoint import CheckpointError
+    from vit_ms.data import DatasetError
+    from vit_ms.training import (RunFolderError, TrainingDiverged, TrainingInterrupted, run_followups,
+                                 train)
+    from vit_ms.training.distributed import DistributedJobError
+
     try:
         result = train(cfg)
         if cfg.followups and result.rank == 0:
-            run_followups(cfg, result)
-    except (TrainingDiverged, DatasetError, CheckpointError):
+            with _console_logging():
+                run_followups(cfg, result)
+    except TrainingInterrupted as stop:
+        return stop.exit_status  # train() has logged the last finished epoch and the --resume command
+    except (TrainingDiverged, DatasetError, CheckpointError, RunFolderError):
         return 1  # train() has logged the reason and the fix, on the console and in train.log
-    print(f"best val top-1 {100 * result.best_top1:.2f}% after {result.epochs_done} epoch(s); "
-          f"checkpoints in {result.output_dir}")
+    except DistributedJobError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 1
+    if result.rank == 0:  # under msrun one summary, from the rank that wrote the files
+        print(f"best val top-1 {100 * result.best_top1:.2f}% after {result.epochs_done} epoch(s); "
+              f"checkpoints in {result.output_dir}")
     return 0
 
 

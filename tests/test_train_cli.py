@@ -1,11 +1,15 @@
-"""train.py as a user runs it: --help, bad flags, a run killed with SIGKILL and resumed, msrun data
-parallelism on two CPU workers, and the tutorial recipe offline."""
+"""train.py as a user runs it: --help, bad flags, a run killed with SIGKILL and resumed, Ctrl-C and a second
+run into the same folder, a full disk during a checkpoint save, msrun data parallelism on two CPU workers
+(and one worker killed), an unavailable device, and the tutorial recipe offline."""
 import functools
 import importlib.util
 import json
 import os
+import resource
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -18,10 +22,11 @@ from PIL import Image
 
 from test_training import TINY_MODEL, make_image_folder
 from vit_ms.checkpoint import read_metadata
-from vit_ms.config import get_train_config
 from vit_ms.training import lr_schedule, read_metrics
+from vit_ms.training.config import get_train_config
 
 REPO = Path(__file__).resolve().parent.parent
+RECORDING_TRAIN = Path(__file__).resolve().parent / "recording_train.py"  # train.py + a recording callback
 PYTHON = sys.executable
 TINY_FLAGS = ["--image_size", "16", "--batch_size", "8", "--warmup_epochs", "0", "--lr", "3e-3",
               "--num_workers", "1", "--no-progress_bar"]
@@ -36,10 +41,11 @@ def _env():
     return env
 
 
-def run_train(args, cwd, timeout=180, **kwargs):
+def run_train(args, cwd, timeout=180, script=REPO / "train.py", record=None, **kwargs):
     # cwd is a temporary folder: MindSpore may write compiler files into the working directory.
-    return subprocess.run([PYTHON, str(REPO / "train.py"), *args], cwd=cwd, env=kwargs.pop("env", _env()),
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    command = [PYTHON, str(script), *([str(record)] if record is not None else []), *args]
+    return subprocess.run(command, cwd=cwd, env=kwargs.pop("env", _env()), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
 
 
 def test_help_explains_every_main_flag(tmp_path):
@@ -47,7 +53,8 @@ def test_help_explains_every_main_flag(tmp_path):
     assert result.returncode == 0, result.stderr
     for flag in ("--data_path", "--dataset", "--model", "--pretrained", "--epochs", "--batch_size", "--lr",
                  "--output_dir", "--resume", "--distributed", "--recipe", "--device_target", "--mode",
-                 "--amp_level", "--seed", "{sample,imagenet_subset}", "{CPU,GPU,Ascend}", "{graph,pynative}"):
+                 "--amp_level", "--seed", "--overwrite", "--check", "{full,header,none}", "{sample,imagenet_subset}",
+                 "{CPU,GPU,Ascend}", "{graph,pynative}"):
         assert flag in result.stdout, flag
     assert "msrun" in result.stdout and "tutorial" in result.stdout
 
@@ -58,6 +65,8 @@ def test_help_explains_every_main_flag(tmp_path):
     (["--epochs", "many"], "invalid int value: 'many'"),
     (["--model_override", "layers=3"], "model_overrides has unknown or reserved field(s) ['layers']"),
     (["--model", "vit_z_16"], "unknown model preset 'vit_z_16'"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3 (--epoch: did you mean --epochs?)"),
+    (["--resume", "--overwrite"], "--resume continues the run in output_dir and --overwrite deletes it"),
 ])
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     result = run_train(args + ["--dry_run"], tmp_path)
@@ -103,11 +112,11 @@ def test_sigkill_then_resume_restores_everything_and_loses_no_epoch(tmp_path):
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(records[-1], epoch=killed_at + 1)) + "\n")
 
-    result = run_train(["--resume", "--output_dir", str(out), "--debug_dir", str(debug)], tmp_path)
+    result = run_train(["--resume", "--output_dir", str(out)], tmp_path, script=RECORDING_TRAIN, record=debug)
     assert result.returncode == 0, result.stderr[-3000:]
 
     # What the resumed process held before its first step is exactly what last.ckpt saved.
-    resumed = ms.load_checkpoint(str(debug / "rank_0_resumed.ckpt"))
+    resumed = ms.load_checkpoint(str(debug / "rank_0_start.ckpt"))
     saved.pop("vit_ms_meta")
     assert set(resumed) == set(saved)
     assert {"moment1.cls_token", "moment2.head.weight", "beta1_power", "beta2_power", "global_step"} <= set(saved)
@@ -152,14 +161,23 @@ def test_msrun_two_cpu_workers_train_one_model_on_disjoint_shards(tmp_path):
     out, debug, logs = tmp_path / "run", tmp_path / "debug", tmp_path / "msrun_log"
     msrun = Path(PYTHON).parent / "msrun"
     cmd = [str(msrun), "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
-           f"--log_dir={logs}", "--join=True", str(REPO / "train.py"), "--distributed", "--data_path", str(data),
-           "--output_dir", str(out), "--debug_dir", str(debug), "--epochs", "2", *TINY_FLAGS,
-           "--batch_size", "4"]
+           f"--log_dir={logs}", "--join=True", str(RECORDING_TRAIN), str(debug), "--distributed", "--data_path",
+           str(data), "--output_dir", str(out), "--epochs", "2", *TINY_FLAGS, "--batch_size", "4"]
     result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     worker_logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted(logs.glob("worker_*.log")))
     assert result.returncode == 0, worker_logs
 
-    # Gradients were averaged: both ranks end with the same weights although their data differed.
+    # One summary, from rank 0, and right (msrun's console repeats the worker logs); rank 1 logs no INFO.
+    for text in (result.stdout + result.stderr, worker_logs):
+        summaries = [line for line in text.splitlines() if "best val top-1" in line and "finished" in line]
+        assert len(summaries) <= 1, summaries
+    summaries = [line for line in worker_logs.splitlines() if "best val top-1" in line and "finished" in line]
+    assert len(summaries) == 1 and "[rank 0]" in summaries[0], summaries
+    assert f"best val top-1 {100 * read_metadata(out / 'last.ckpt')['best_top1']:.2f}%" in summaries[0]
+    assert "[rank 1] INFO" not in worker_logs + result.stdout + result.stderr
+
+    # Gradients were averaged: both ranks end with the same weights (and optimizer state) although their
+    # data differed.
     final = [ms.load_checkpoint(str(debug / f"rank_{r}_final.ckpt")) for r in (0, 1)]
     assert set(final[0]) == set(final[1])
     for name in final[0]:
@@ -206,7 +224,7 @@ def test_tutorial_offline_stops_at_each_download_naming_the_file(tmp_path, monke
     assert _train_script().main(args) == 1
     err = capsys.readouterr().err
     assert f"place it at {tmp_path / 'datasets' / 'vit_imagenet_dataset.zip'}" in err, err
-    assert "vit_imagenet_dataset.zip" in (tmp_path / "run" / "train.log").read_text()
+    assert not (tmp_path / "run").exists()  # nothing is created before the inputs check out
 
     # With the data in place, the next stop is the pretrained checkpoint, named with its place.
     make_image_folder(tmp_path / "datasets" / "imagenet_subset", per_class=(2, 1))
@@ -215,4 +233,183 @@ def test_tutorial_offline_stops_at_each_download_naming_the_file(tmp_path, monke
     assert _train_script().main(args) == 1
     err = capsys.readouterr().err
     assert f"put it at {tmp_path / 'cache' / 'vit_b_16_224.ckpt'}" in err, err
-    assert not (tmp_path / "run" / "last.ckpt").exists()
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run folders, interrupts, faults
+# ---------------------------------------------------------------------------------------------------------
+
+def test_a_second_run_into_a_run_folder_is_refused_naming_resume_and_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "train.log").write_text("the first run\n")
+    result = run_train(["--output_dir", str(out), "--epochs", "1"], tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert (f"{out} already holds a run (config.json, train.log); continue it with --resume, replace it with "
+            f"--overwrite, or choose another --output_dir") in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "train.log"]
+    assert (out / "train.log").read_text() == "the first run\n"
+
+
+def test_resume_of_an_empty_folder_creates_nothing(tmp_path):
+    result = run_train(["--resume", "--output_dir", str(tmp_path / "outputs" / "nothing")], tmp_path)
+    assert result.returncode == 1
+    assert f"--resume: {tmp_path / 'outputs' / 'nothing' / 'last.ckpt'} does not exist" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("target", ["GPU", "Ascend"])
+def test_an_unavailable_device_is_one_line_naming_what_to_install(tmp_path, target):
+    result = run_train(["--device_target", target, "--output_dir", str(tmp_path / "run")], tmp_path)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"train.py: error: --device_target {target}: this MindSpore {ms.__version__} "
+                            f"supports CPU device target(s) only; install the {target}"), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def _wait_for(predicate, proc, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}:\n{proc.communicate()[1][-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_ctrl_c_stops_cleanly_names_the_resume_command_and_resume_finishes(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    # Batch 2: 24 steps per epoch, so the signal lands inside an epoch.
+    args = ["--data_path", str(data), "--output_dir", str(out), "--epochs", "3", *TINY_FLAGS, "--batch_size", "2"]
+    proc = subprocess.Popen([PYTHON, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(read_metrics(out)) >= 1, proc, 150, "epoch 1 finished")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    done = read_metadata(out / "last.ckpt")["epoch"]
+    assert done in (1, 2)  # epoch 2 was running, or being saved, when the signal came
+    assert f"SIGINT: stopped after epoch {done} of 3 (files consistent); continue with: python train.py " \
+           f"--resume --output_dir {out}" in stderr
+    assert "Traceback" not in stderr and "\r" not in stderr  # no progress bar on a pipe
+    assert [r["epoch"] for r in read_metrics(out)] == list(range(1, done + 1))
+    assert int(ms.load_checkpoint(str(out / "last.ckpt"))["global_step"].asnumpy()[0]) == 24 * done
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+    result = run_train(["--resume", "--output_dir", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+    assert read_metadata(out / "last.ckpt")["epoch"] == 3
+
+
+def test_a_second_signal_exits_at_once(monkeypatch):
+    # Unit level: two signals sent back to back can merge into one before Python sees them, so a subprocess
+    # test could not tell "at once" from "after the next step".
+    from vit_ms.training.callbacks import RunState, StopOnSignal
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda status: exits.append(status))
+    stopper = StopOnSignal(RunState(lr=[1.0], start_step=0, batch_size=1))
+    stopper._handle(signal.SIGTERM, None)
+    assert stopper.state.stop_signal == signal.SIGTERM and exits == []
+    stopper._handle(signal.SIGINT, None)
+    assert exits == [130]
+
+
+def _full_disk(limit: int):
+    def preexec():
+        # A write past `limit` bytes fails with EFBIG, as on a full disk (SIGXFSZ ignored: an error, not a kill).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoints(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--data_path", str(data), "--output_dir", str(out), "--epochs", "1", *TINY_FLAGS]
+    assert run_train(args, tmp_path).returncode == 0
+    before = {name: (out / name).read_bytes() for name in ("last.ckpt", "best.ckpt")}
+    # Small files (config.json, metrics, the log) still fit; a checkpoint does not.
+    limit = len(before["best.ckpt"]) // 2
+    result = run_train(["--resume", "--output_dir", str(out), "--epochs", "2"], tmp_path,
+                       preexec_fn=_full_disk(limit))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"could not write {out / 'best.ckpt'}" in result.stderr or \
+           f"could not write {out / 'last.ckpt'}" in result.stderr, result.stderr[-3000:]
+    assert f"is kept. Free disk space, then continue with: python train.py --resume --output_dir {out}" \
+           in result.stderr
+    for name, content in before.items():
+        assert (out / name).read_bytes() == content, name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file behind
+    # Once there is room again, --resume redoes epoch 2 (its metrics line is not kept twice).
+    result = run_train(["--resume", "--output_dir", str(out), "--epochs", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+    for name in ("last.ckpt", "best.ckpt"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
+def _rank_pids(marker: str) -> dict:
+    """{rank: pid} of the msrun workers whose command line holds `marker` (msrun exports RANK_ID)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if marker.encode() in cmdline and environ.get(b"MS_ROLE") == b"MS_WORKER":
+            found[int(environ[b"RANK_ID"])] = int(proc.name)
+    return found
+
+
+def test_msrun_worker_killed_ends_the_job_and_resume_continues_on_both_ranks(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out, record = tmp_path / "run", tmp_path / "record"
+
+    def msrun(logs, *extra):
+        return [str(Path(PYTHON).parent / "msrun"), "--worker_num=2", "--local_worker_num=2",
+                f"--master_port={_free_port()}", f"--log_dir={logs}", "--join=True", str(RECORDING_TRAIN),
+                str(record), "--distributed", "--output_dir", str(out), *extra]
+
+    args = ["--data_path", str(data), "--epochs", "3", *TINY_FLAGS, "--batch_size", "2"]
+    proc = subprocess.Popen(msrun(tmp_path / "log1", *args), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(read_metrics(out)) >= 1, proc, 200, "epoch 1 finished")
+        victim = _rank_pids(str(out))[1]
+        os.kill(victim, signal.SIGKILL)  # rank 1 dies in epoch 2
+        console, _ = proc.communicate(timeout=150)  # bounded: MindSpore's heartbeat times the job out
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert f"Worker process {victim} exit with exception. Error code: -9" in console, console[-3000:]
+    done = read_metadata(out / "last.ckpt")["epoch"]
+    assert done >= 1 and [r["epoch"] for r in read_metrics(out)][:done] == list(range(1, done + 1))
+    saved = ms.load_checkpoint(str(out / "last.ckpt"))
+    saved.pop("vit_ms_meta")
+
+    shutil.rmtree(record)
+    result = subprocess.run(msrun(tmp_path / "log2", "--resume"), cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=240)
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "log2").glob("worker_*.log")))
+    assert result.returncode == 0, logs
+    # Both ranks started from exactly what last.ckpt held, and the run finished every epoch once.
+    for rank in (0, 1):
+        start = ms.load_checkpoint(str(record / f"rank_{rank}_start.ckpt"))
+        for name, value in saved.items():
+            np.testing.assert_array_equal(start[name].asnumpy(), value.asnumpy(), err_msg=f"rank {rank} {name}")
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+    assert read_metadata(out / "last.ckpt")["epoch"] == 3

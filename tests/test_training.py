@@ -1,9 +1,13 @@
 """Training: recipes and settings, the learning-rate schedules against hand computation, optimizer groups,
-the smoothed loss, and short real runs (loss goes down, files written, NaN stops the run)."""
+the smoothed loss, and short real runs (loss goes down, files written, NaN stops the run, run folders
+never clobbered, nothing written before the inputs check out)."""
 import dataclasses
 import json
+import logging
 import math
 import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import mindspore as ms
@@ -14,9 +18,10 @@ from PIL import Image
 
 from vit_ms import create_model
 from vit_ms.checkpoint import load_model, read_metadata
-from vit_ms.config import RECIPES, TrainConfig, get_train_config
-from vit_ms.training import (CrossEntropySmooth, TrainingDiverged, build_optimizer, lr_schedule, param_groups,
-                             read_metrics, resolve_train_config, run_followups, train)
+from vit_ms.data import DatasetError
+from vit_ms.training import (CrossEntropySmooth, RunFolderError, TrainingDiverged, build_optimizer, lr_schedule,
+                             param_groups, read_metrics, resolve_train_config, run_followups, train)
+from vit_ms.training.config import RECIPES, TrainConfig, get_train_config
 
 # A model that compiles in seconds: 16-pixel images, 2x2 patches of 8, width 32, one block.
 TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
@@ -93,6 +98,22 @@ def test_unknown_keys_are_rejected(tmp_path):
         resolve_train_config("finetune")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         get_train_config("scratch", optimizer="sgd")
+
+
+def test_old_import_path_still_gives_the_training_settings():
+    import vit_ms.config
+
+    assert vit_ms.config.TrainConfig is TrainConfig and vit_ms.config.RECIPES is RECIPES
+
+
+def test_a_recipe_warmup_longer_than_the_run_is_shortened_with_a_note(caplog):
+    with caplog.at_level(logging.INFO, logger="vit_ms"):
+        cfg = resolve_train_config("scratch", epochs=1)  # the recipe's warmup is 1 epoch
+    assert (cfg.epochs, cfg.warmup_epochs) == (1, 0)
+    assert "warmup shortened from the recipe's 1 epoch(s) to 0 to fit --epochs 1" in caplog.text
+    assert resolve_train_config("scratch", epochs=3).warmup_epochs == RECIPES["scratch"].warmup_epochs == 1
+    with pytest.raises(ValueError, match=r"warmup_epochs \(2\) must be below epochs \(2\)"):
+        resolve_train_config("scratch", epochs=2, warmup_epochs=2)  # both typed by the user: their conflict
 
 
 def test_layers_override_in_order(tmp_path):
@@ -174,15 +195,21 @@ def test_training_learns_and_writes_every_output(tiny_run):
     out = result.output_dir
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert {"epoch", "loss", "top1", "top5", "lr", "val_loss", "time", "step"} <= set(records[0])
-    assert records[-1]["loss"] < records[0]["loss"]
+    assert set(records[0]) == {"epoch", "step", "train_loss_smoothed", "top1", "val_loss_smoothed", "lr", "time",
+                               "images_per_sec"}  # no top5: three classes
+    assert records[-1]["train_loss_smoothed"] < records[0]["train_loss_smoothed"]
     assert records[-1]["top1"] == 1.0 and result.best_top1 == 1.0  # three colours, one per class
     steps = records[0]["step"]
     assert steps == 48 // 8 and [r["step"] for r in records] == [steps, 2 * steps, 3 * steps]
     lr = lr_schedule(cfg, steps)
     assert [r["lr"] for r in records] == [pytest.approx(lr[r["step"] - 1]) for r in records]
     assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
-    assert (out / "curves.png").stat().st_size > 1000 and "epoch 3/3" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert (out / "curves.png").stat().st_size > 1000 and "epoch 3/3: train loss (label-smoothed)" in log
+    assert "top-5" not in log and "\r" not in log  # no progress bar in a log file
+    for name in ("last.ckpt", "best.ckpt", "config.json", "metrics.jsonl"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
 
     meta = read_metadata(out / "last.ckpt")
     assert meta["epoch"] == 3 and meta["class_names"] == ["class_0", "class_1", "class_2"]
@@ -217,7 +244,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
     assert "training stopped" in (out / "train.log").read_text()
 
 
-def test_followups_evaluate_infer_and_export_the_best_checkpoint(tiny_run, tmp_path):
+def test_followups_evaluate_infer_and_export_in_process(tiny_run, tmp_path, monkeypatch):
     cfg, result = tiny_run
     infer = tmp_path / "data" / "infer"
     shutil.copytree(Path(cfg.data_path) / "val", tmp_path / "data" / "val")
@@ -225,8 +252,99 @@ def test_followups_evaluate_infer_and_export_the_best_checkpoint(tiny_run, tmp_p
     shutil.copy(Path(cfg.data_path) / "val" / "class_1" / "000.png", infer / "green.png")
     out = tmp_path / "run"
     shutil.copytree(result.output_dir, out)
+    # Library calls, not the repository's scripts: no subprocess at all.
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran a subprocess {a}"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"started a subprocess {a}"))
     run_followups(cfg, dataclasses.replace(result, output_dir=out, best_checkpoint=out / "best.ckpt"),
                   data_root=tmp_path / "data")
-    assert json.loads((out / "eval" / "metrics.json").read_text())["top_1"] == 1.0
-    assert (out / "infer" / "predictions.json").is_file()
-    assert (out / "vit.mindir").stat().st_size > 0
+    evaluation = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluation["top_1"] == 1.0 and evaluation["num_images"] == 12
+    predictions = json.loads((out / "infer" / "predictions.json").read_text())["predictions"]
+    assert [(p["path"], p["classes"][0]) for p in predictions] == [(str(infer / "green.png"), "class_1")]
+    assert (out / "vit.mindir").stat().st_size > 0 and (out / "vit.mindir.json").is_file()
+
+
+def test_resume_continues_the_shuffle_order_of_an_uninterrupted_run(tiny_run, tmp_path):
+    from mindspore.train import Callback
+
+    class Labels(Callback):  # the labels of every training batch, per epoch
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def on_train_step_end(self, run_context):
+            cb_params = run_context.original_args()
+            labels = cb_params.train_dataset_element[1].asnumpy().tolist()
+            self.seen.setdefault(cb_params.cur_epoch_num, []).append(labels)
+
+    cfg, _ = tiny_run
+    whole, first, rest = Labels(), Labels(), Labels()
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")), callbacks=[whole])
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "split"), epochs=1), callbacks=[first])
+    train(dataclasses.replace(cfg, output_dir=str(tmp_path / "split"), resume=True), callbacks=[rest])
+    assert sorted(whole.seen) == [1, 2, 3] and sorted(first.seen) == [1] and sorted(rest.seen) == [2, 3]
+    assert whole.seen[2] != whole.seen[3]  # the order does change between epochs, so equality means something
+    assert {**first.seen, **rest.seen} == whole.seen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run folders: never clobbered, nothing written before the inputs check out
+# ---------------------------------------------------------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_is_refused_where_a_run_is(tiny_run, tmp_path):
+    cfg, result = tiny_run
+    before = _snapshot(result.output_dir)
+    with pytest.raises(RunFolderError, match=r"already holds a run \(config.json, metrics.jsonl, train.log, "
+                                             r"last.ckpt, best.ckpt, curves.png\); continue it with --resume, "
+                                             r"replace it with --overwrite"):
+        train(dataclasses.replace(cfg, epochs=1))
+    assert _snapshot(result.output_dir) == before
+
+    # --overwrite replaces it: the old run's lines are gone, not mixed with the new run's.
+    out = tmp_path / "run"
+    shutil.copytree(result.output_dir, out)
+    stale = out / ".last.ckpt.abc123.vit_ms-tmp.ckpt"  # what a save killed mid-write leaves
+    stale.write_bytes(b"partial")
+    train(dataclasses.replace(cfg, epochs=1, output_dir=str(out), overwrite=True))
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+    assert "epoch 3/3" not in (out / "train.log").read_text() and not stale.exists()
+    assert json.loads((out / "config.json").read_text())["overwrite"] is True
+
+
+def test_resume_without_a_run_creates_nothing(tiny_run, tmp_path):
+    cfg, _ = tiny_run
+    nothing = tmp_path / "outputs" / "nothing"
+    with pytest.raises(RunFolderError, match=f"--resume: {nothing / 'last.ckpt'} does not exist"):
+        train(dataclasses.replace(cfg, output_dir=str(nothing), resume=True))
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_data_path_writes_nothing_into_the_run(tiny_run, tmp_path):
+    cfg, result = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(result.output_dir, out)
+    before = _snapshot(out)
+    with pytest.raises(DatasetError, match="no_such_data"):
+        train(dataclasses.replace(cfg, output_dir=str(out), resume=True, epochs=4,
+                                  data_path=str(tmp_path / "no_such_data")))
+    assert _snapshot(out) == before
+
+
+def test_data_check_setting_reaches_create_dataset(tiny_run, tmp_path, monkeypatch):
+    from vit_ms import data
+
+    cfg, _ = tiny_run
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["check"])
+        raise DatasetError("recorded")
+
+    monkeypatch.setattr(data, "create_dataset", record)
+    with pytest.raises(DatasetError, match="recorded"):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "run"), data_check="header"))
+    assert seen == ["header"] and not (tmp_path / "run").exists()

@@ -1,10 +1,12 @@
-"""Command-line pieces shared by eval.py, infer.py and export.py: where the model comes from, and the device.
+"""Command-line pieces shared by train.py, eval.py, infer.py and export.py: exact flags, where the model
+comes from, and whether the installed MindSpore can use the device asked for.
 
 Imports nothing heavy, so a script's `--help` answers before MindSpore is loaded.
 """
 import argparse
 import difflib
 import re
+from typing import Optional
 
 DEVICES = ("CPU", "GPU", "Ascend")
 
@@ -28,6 +30,52 @@ class ArgumentParser(argparse.ArgumentParser):
         if hints:
             message = f"{message} ({'; '.join(hints)})"
         super().error(message)
+
+
+# What to install for each device target (https://www.mindspore.cn/install lists the builds).
+_INSTALL_HINT = {
+    "GPU": "the GPU (CUDA) build of MindSpore on a machine with an NVIDIA GPU and CUDA",
+    "Ascend": "the Ascend build of MindSpore with Huawei's CANN toolkit on a machine with an Ascend NPU",
+    "CPU": "any MindSpore build",
+}
+
+
+def supported_device_targets() -> list:
+    """The device targets the installed MindSpore can use, e.g. ["CPU"] for the CPU wheel."""
+    import mindspore as ms
+
+    try:
+        # The plugin table MindSpore fills at import; `ms.hal.is_available` reads the same table but logs
+        # two WARNING lines per unavailable target.
+        from mindspore.hal.device import _context_handle
+
+        return [t for t in DEVICES if _context_handle.is_pkg_support_device(t)]
+    except (ImportError, AttributeError):
+        return [t for t in DEVICES if ms.hal.is_available(t)]
+
+
+def device_target_error(target: str) -> Optional[str]:
+    """None when the installed MindSpore can use `target`; else one line saying what it supports and what
+    to install."""
+    supported = supported_device_targets()
+    if target in supported:
+        return None
+    import mindspore as ms
+
+    return (f"--device_target {target}: this MindSpore {ms.__version__} supports {', '.join(supported) or 'no'} "
+            f"device target(s) only; install {_INSTALL_HINT[target]} (https://www.mindspore.cn/install), "
+            f"or use --device_target {supported[0] if supported else 'CPU'}")
+
+
+def require_device_target(parser: argparse.ArgumentParser, target: str) -> None:
+    """`parser.error` (one line, exit status 2) when the installed MindSpore cannot use `target`.
+
+    Every script calls this before building anything, instead of letting MindSpore fail deep inside
+    `set_device` with a long traceback.
+    """
+    message = device_target_error(target)
+    if message:
+        parser.error(message)
 
 
 def add_model_source_arguments(parser: argparse.ArgumentParser, mindir: bool = False) -> None:

@@ -399,8 +399,9 @@ def save_attention_overlay(image, heat: np.ndarray, preprocess, out_path, alpha:
 # ---------------------------------------------------------------------------------------------------------
 
 def _read_records(metrics_jsonl) -> List[dict]:
-    lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    from .training.rundir import read_metrics
+
+    records = read_metrics(metrics_jsonl)
     if not records:
         raise ValueError(f"{metrics_jsonl} holds no epochs to plot")
     return records
@@ -423,9 +424,13 @@ def curves_figure(records: Sequence[dict], num_classes: Optional[int] = None):
     ax_loss.set_gid("loss")
     ax_acc.set_gid("accuracy")
 
-    ax_loss.plot(epochs, [r["loss"] for r in records], "o-", label="train loss", markersize=4)
-    if all("val_loss" in r for r in records):
-        ax_loss.plot(epochs, [r["val_loss"] for r in records], "s-", label="val loss", markersize=4)
+    # Both are label-smoothed cross-entropy (eval.py reports the plain one); runs before the rename wrote
+    # "loss" / "val_loss".
+    train_key = "train_loss_smoothed" if "train_loss_smoothed" in records[0] else "loss"
+    val_key = "val_loss_smoothed" if "val_loss_smoothed" in records[0] else "val_loss"
+    ax_loss.plot(epochs, [r[train_key] for r in records], "o-", label="train loss (label-smoothed)", markersize=4)
+    if all(val_key in r for r in records):
+        ax_loss.plot(epochs, [r[val_key] for r in records], "s-", label="val loss (label-smoothed)", markersize=4)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
 
@@ -459,7 +464,7 @@ def plot_training_curves(metrics_jsonl, out_png, num_classes: Optional[int] = No
 
     Args:
         metrics_jsonl: the file `vit_ms.training` writes, one JSON object per epoch with at least epoch,
-            loss and top1 (val_loss, top5 and lr drawn when present).
+            train_loss_smoothed and top1 (val_loss_smoothed, top5 and lr drawn when present).
         out_png: the picture to write.
         num_classes: the model's classes; None: top-5 is drawn unless it is 100% at every epoch (what
             training's top-min(5, C) gives for 5 classes or fewer).

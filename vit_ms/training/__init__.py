@@ -1,0 +1,39 @@
+"""Training a ViT on `mindspore.train.Model.fit`, one concept per module:
+
+    config.py       TrainConfig, the named RECIPES, resolve_train_config (no MindSpore import)
+    optim.py        label-smoothed loss, learning-rate schedules, AdamW parameter groups, the optimizer
+    callbacks.py    loss guard, Ctrl-C/SIGTERM handling, progress bar, epoch recorder (metrics + checkpoints)
+    rundir.py       the run folder: what it holds, the no-clobber rule, metrics.jsonl, train.log
+    distributed.py  device, mode, seed, and the msrun group
+    loop.py         train(cfg, callbacks=()): check inputs, build data and model, open the folder, fit
+    followups.py    the tutorial's evaluate / infer / export steps, in-process
+
+Names are imported on first use, so `vit_ms.training.config` (and `train.py --help`) needs no MindSpore.
+"""
+import importlib
+
+_EXPORTS = {
+    "config": ["TrainConfig", "RECIPES", "get_train_config", "resolve_train_config"],
+    "optim": ["CrossEntropySmooth", "lr_schedule", "param_groups", "build_optimizer"],
+    "callbacks": ["TrainingDiverged", "TrainingInterrupted", "LossGuard", "StopOnSignal", "ProgressBar",
+                  "EpochRecorder"],
+    "rundir": ["RunFolderError", "read_metrics", "resume_command"],
+    "distributed": ["amp_level_for", "sink_mode_for"],
+    "loop": ["TrainResult", "train", "resolve_data_root"],
+    "followups": ["run_followups"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,261 @@
+"""Callbacks of a training run on `mindspore.train.Model.fit`: the loss guard, interrupt handling, the
+progress bar, and the epoch recorder that writes metrics and checkpoints. Tests and users add their own
+through `train(cfg, callbacks=[...])`."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from mindspore import nn
+from mindspore.train import Callback
+
+from .. import checkpoint as ckpt
+from .. import files
+from . import rundir
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a finished step; nothing of the unfinished epoch was saved.
+
+    Attributes:
+        signum: the signal received.
+        last_epoch: the last epoch whose checkpoint is on disk (0: none).
+    """
+
+    def __init__(self, signum: int, last_epoch: int = 0):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.last_epoch = last_epoch
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by this signal: 130, 143
+
+
+def _loss_value(outputs) -> float:
+    # TrainOneStepCell returns the loss; the loss-scale variant returns (loss, overflow, scale).
+    if isinstance(outputs, (tuple, list)):
+        outputs = outputs[0]
+    return float(np.asarray(outputs.asnumpy() if hasattr(outputs, "asnumpy") else outputs).mean())
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the callbacks of one run share."""
+
+    lr: List[float]
+    start_step: int  # optimizer global step when this process started training
+    batch_size: int  # images per step across all ranks
+    best_top1: float = -1.0
+    diverged: Optional[str] = None  # the divergence message once the loss is not finite
+    epoch_losses: List[float] = dataclasses.field(default_factory=list)
+    epoch_start: float = 0.0
+    train_seconds: float = 0.0
+    stop_signal: Optional[int] = None  # set by the first SIGINT/SIGTERM
+
+    def global_step(self, cb_params) -> int:
+        return self.start_step + cb_params.cur_step_num
+
+    def current_lr(self, cb_params) -> float:
+        step = self.global_step(cb_params)
+        return self.lr[min(max(step - 1, 0), len(self.lr) - 1)]
+
+
+class LossGuard(Callback):
+    """Records every step's loss and stops the run at the first NaN/inf loss, before it is saved."""
+
+    def __init__(self, state: RunState):
+        super().__init__()
+        self.state = state
+
+    def on_train_epoch_begin(self, run_context):
+        self.state.epoch_losses = []
+        self.state.epoch_start = time.perf_counter()
+
+    def on_train_step_end(self, run_context):
+        cb_params = run_context.original_args()
+        loss = _loss_value(cb_params.net_outputs)
+        if not math.isfinite(loss):
+            self.state.diverged = (f"the training loss became {loss} at epoch {cb_params.cur_epoch_num}, global "
+                                   f"step {self.state.global_step(cb_params)} (lr "
+                                   f"{self.state.current_lr(cb_params):.3g}); training stopped")
+            run_context.request_stop()
+            return
+        self.state.epoch_losses.append(loss)
+        self.state.train_seconds = time.perf_counter() - self.state.epoch_start
+
+
+class StopOnSignal(Callback):
+    """SIGINT (Ctrl-C) and SIGTERM: the first ends the run after the current step, before anything of the
+    unfinished epoch is written (an epoch being saved is finished first); a second exits at once.
+
+    Installed for the duration of `Model.fit` only; the previous handlers come back afterwards. MindSpore
+    registers its own SIGINT handler when it builds a data pipeline (utils/signal_util.cc; it ends the
+    process with SIGTERM), so ours is put back at every step and after every evaluation.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, state: RunState):
+        super().__init__()
+        self.state = state
+        self.previous = {}
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            previous = signal.signal(signum, self._handle)
+            self.previous.setdefault(signum, previous)
+
+    def on_train_begin(self, run_context):
+        self.install()
+
+    on_train_epoch_begin = on_train_step_begin = on_train_epoch_end = on_train_begin
+    on_eval_begin = on_eval_step_end = on_eval_end = on_train_begin
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.state.stop_signal is not None:
+            import os
+
+            sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting at once\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)  # a temporary file this leaves is removed by the next start
+        self.state.stop_signal = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current step "
+                         f"(again to exit at once)\n")
+        sys.stderr.flush()
+
+    def on_train_step_end(self, run_context):
+        if self.state.stop_signal is not None:
+            # Leave fit at once: its own stop request would still run the epoch's evaluation.
+            raise TrainingInterrupted(self.state.stop_signal)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar per epoch showing loss, learning rate and images per second (terminal only)."""
+
+    def __init__(self, state: RunState, total_epochs: int):
+        super().__init__()
+        self.state = state
+        self.total_epochs = total_epochs
+        self.bar = None
+
+    def on_train_epoch_begin(self, run_context):
+        from tqdm import tqdm
+
+        cb_params = run_context.original_args()
+        self.bar = tqdm(total=cb_params.batch_num, desc=f"epoch {cb_params.cur_epoch_num}/{self.total_epochs}",
+                        unit="step", leave=False, dynamic_ncols=True, file=sys.stderr)
+        self.start = time.perf_counter()
+        self.steps = 0
+
+    def on_train_step_end(self, run_context):
+        if self.bar is None:
+            return
+        cb_params = run_context.original_args()
+        self.steps += 1
+        losses = self.state.epoch_losses
+        speed = self.steps * self.state.batch_size / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "nan",
+                             lr=f"{self.state.current_lr(cb_params):.3g}", img_s=f"{speed:.0f}", refresh=False)
+        # In sink mode one "step" callback covers a whole sink of batches.
+        self.bar.update(cb_params.batch_num if cb_params.dataset_sink_mode else 1)
+
+    def on_train_epoch_end(self, run_context):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    on_train_end = on_train_epoch_end
+
+
+class EpochRecorder(Callback):
+    """The writing rank's epoch end: a metrics.jsonl line, best.ckpt when top-1 improved, last.ckpt.
+
+    metrics.jsonl fields: epoch, step (global), train_loss_smoothed (mean label-smoothed training loss,
+    what the optimizer minimises), top1 and top5 (val accuracy; top5 only with more than 5 classes),
+    val_loss_smoothed
+    (the same label-smoothed loss on val; eval.py's "loss" is plain cross-entropy), lr, time, images_per_sec.
+
+    The order matters for resume: the metrics line goes first and last.ckpt last, and resuming drops
+    metrics lines beyond last.ckpt's epoch, so every epoch appears exactly once.
+    """
+
+    def __init__(self, state: RunState, out: Path, net: nn.Cell, meta: dict, total_epochs: int,
+                 top5: bool):
+        super().__init__()
+        self.state = state
+        self.out = out
+        self.net = net
+        self.meta = meta
+        self.total_epochs = total_epochs
+        self.top5 = top5
+
+    def on_train_epoch_end(self, run_context):
+        if self.state.diverged:
+            return  # keep the last good checkpoint and metrics untouched
+        cb_params = run_context.original_args()
+        epoch = cb_params.cur_epoch_num
+        step = self.state.global_step(cb_params)
+        results = cb_params.get("eval_results") or {}
+        losses = self.state.epoch_losses
+        record = {"epoch": epoch, "step": step,
+                  "train_loss_smoothed": float(np.mean(losses)) if losses else float("nan"),
+                  "top1": float(results.get("top1", float("nan")))}
+        if self.top5:
+            record["top5"] = float(results.get("top5", float("nan")))
+        record.update({
+            "val_loss_smoothed": float(results.get("eval_loss", float("nan"))),
+            "lr": self.state.current_lr(cb_params),
+            "time": round(time.perf_counter() - self.state.epoch_start, 3),
+            "images_per_sec": round(len(losses) * self.state.batch_size / max(self.state.train_seconds, 1e-9), 1),
+        })
+        top5 = f", top-5 {100 * record['top5']:.2f}%" if self.top5 else ""
+        logger.info("epoch %d/%d: train loss (label-smoothed) %.4f, val top-1 %.2f%%%s, val loss (label-smoothed) "
+                    "%.4f, lr %.3g, %.1f s, %.0f images/s", epoch, self.total_epochs, record["train_loss_smoothed"],
+                    100 * record["top1"], top5, record["val_loss_smoothed"], record["lr"], record["time"],
+                    record["images_per_sec"])
+        rundir.append_metrics(self.out, record)
+        improved = record["top1"] > self.state.best_top1
+        if improved:
+            self.state.best_top1 = record["top1"]
+        meta = dict(self.meta, epoch=epoch, global_step=step, metrics=record, best_top1=self.state.best_top1)
+        if improved:
+            self._save(self.net, self.out / rundir.BEST_CKPT, meta)
+            logger.info("new best val top-1 %.2f%%: wrote %s", 100 * record["top1"], self.out / rundir.BEST_CKPT)
+        # last.ckpt holds the optimizer too (moments, global step, beta powers): all of the train network.
+        self._save(cb_params.train_network, self.out / rundir.LAST_CKPT, meta)
+
+    @staticmethod
+    def _save(params, path: Path, meta: dict) -> None:
+        try:
+            ckpt.save_checkpoint(params, path, meta)
+        except (OSError, RuntimeError, ValueError) as error:  # a full disk surfaces as any of these
+            # ms.save_checkpoint leaves its own "<temporary>.tmp" behind when a write fails; only this rank
+            # writes into the folder, so every temporary in it is ours to remove.
+            files.remove_stale_temporaries(path.parent)
+            kept = f"the previous {path.name} is kept" if path.is_file() else f"no {path.name} was written"
+            raise rundir.RunFolderError(f"could not write {path} ({error}); {kept}. Free disk space, then "
+                                        f"continue with: {rundir.resume_command(path.parent)}") from error
+
+
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "RunState", "LossGuard", "StopOnSignal", "ProgressBar",
+           "EpochRecorder"]

@@ -1,0 +1,327 @@
+"""`train(cfg)`: one training run of a ViT (Dosovitskiy et al., ICLR 2021) on `mindspore.train.Model.fit`,
+as a few named steps: check the inputs, build data and model, open the run folder, restore when
+resuming, fit, report. What the run folder holds is described in `vit_ms.training.rundir`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mindspore as ms
+from mindspore import nn
+from mindspore.train import Callback, Model
+from mindspore.train.metrics import TopKCategoricalAccuracy
+
+from .. import checkpoint as ckpt
+from .. import data
+from ..config import Preprocess, ViTConfig, get_config
+from ..model import ViT
+from . import rundir
+from .callbacks import (EpochRecorder, LossGuard, ProgressBar, RunState, StopOnSignal, TrainingDiverged,
+                        TrainingInterrupted)
+from .config import TrainConfig
+from .distributed import amp_level_for, init_device, sink_mode_for
+from .optim import CrossEntropySmooth, build_optimizer, lr_schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished `train` call produced."""
+
+    output_dir: Path
+    epochs_done: int  # epochs finished in total, including those before a resume
+    best_top1: float  # best val top-1 in [0, 1]
+    last_metrics: Optional[dict]  # the final metrics.jsonl line
+    best_checkpoint: Path
+    last_checkpoint: Path
+    rank: int = 0  # this process's rank (0 without data parallelism); only rank 0 wrote files
+
+
+@dataclasses.dataclass
+class _Inputs:
+    out: Path  # the run folder (not created yet)
+    root: Path  # the ImageFolder root
+    pretrained: Optional[Path]
+
+
+@dataclasses.dataclass
+class _Data:
+    classes: list
+    config: ViTConfig
+    preprocess: Preprocess
+    train: object  # mindspore.dataset.Dataset
+    val: object
+    steps_per_epoch: int
+    val_images: int
+
+
+@dataclasses.dataclass
+class _Trainer:
+    net: ViT
+    model: Model
+    optimizer: nn.Optimizer
+    schedule: list
+
+
+def resolve_data_root(cfg: TrainConfig) -> Path:
+    """The ImageFolder root of the run: `data_path`, else the sample set or the tutorial's download.
+
+    Args:
+        cfg: dataset and data_path.
+    """
+    if cfg.data_path:
+        root = Path(cfg.data_path).expanduser()
+    elif cfg.dataset == "sample":
+        root = data.ensure_sample_dataset()
+    else:
+        root = data.download_tutorial_dataset()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise data.DatasetError(f"{root / split} does not exist: --data_path must be an ImageFolder root "
+                                    f"holding train/<class>/... and val/<class>/...")
+    return root
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Run one training job as `cfg` describes, writing into `cfg.output_dir` (see `rundir`).
+
+    Args:
+        cfg: the resolved settings (`resolve_train_config`).
+        callbacks: extra `mindspore.train.Callback`s, run after the run's own (e.g. to record batches).
+
+    Returns:
+        A `TrainResult` (also on rank > 0, whose paths then name rank 0's files).
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf; files hold the last good epoch.
+        TrainingInterrupted: SIGINT/SIGTERM; files hold the last finished epoch, `--resume` continues.
+        RunFolderError: the output folder holds another run, has nothing to resume, or a write failed.
+        vit_ms.data.DatasetError: the data is missing (offline: the message says where to put the archive).
+        vit_ms.checkpoint.CheckpointError: the pretrained weights are missing or do not fit the model.
+    """
+    rank, group_size = init_device(cfg)
+    writer = rank == 0
+    logs = rundir.RunLogging(rank if cfg.distributed else None, quiet=not writer)
+    try:
+        inputs = _check_inputs(cfg, writer)
+        batches = _build_data(cfg, inputs.root, rank, group_size)
+        trainer = _build_trainer(cfg, batches, inputs.pretrained)
+        if writer:
+            _open_run_folder(cfg, inputs.out, logs)
+        return _fit(cfg, inputs.out, batches, trainer, rank, group_size, list(callbacks))
+    except (TrainingDiverged, rundir.RunFolderError, data.DatasetError, ckpt.CheckpointError) as error:
+        logger.error("%s", error)  # into train.log too once it is open, not only on the console
+        raise
+    finally:
+        logs.close()
+
+
+def _check_inputs(cfg: TrainConfig, writer: bool) -> _Inputs:
+    """Everything that can fail before a file is written: the run folder's state, the data, the weights.
+    Downloads happen here: offline, the run stops with a message naming the file and where to put it."""
+    out = rundir.check_run_folder(cfg, writer)
+    root = resolve_data_root(cfg)
+    pretrained = None
+    if cfg.pretrained:
+        try:
+            pretrained = ckpt.resolve_pretrained(cfg.pretrained)
+        except RuntimeError as error:  # offline: the message names the file and where to put it
+            raise ckpt.CheckpointError(str(error)) from error
+    logger.info("recipe %s on %s (%s, %s mode, AMP %s); data %s; output %s", cfg.recipe, cfg.device_target,
+                "data parallel" if cfg.distributed else "single device", cfg.mode, amp_level_for(cfg), root, out)
+    return _Inputs(out, root, pretrained)
+
+
+def _build_data(cfg: TrainConfig, root: Path, rank: int, group_size: int) -> _Data:
+    """Class names, the model config they imply, and the train (sharded under msrun) and val pipelines."""
+    classes = data.class_names(root, "train")
+    config = get_config(cfg.model, num_classes=len(classes), image_size=cfg.image_size,
+                        drop_path_rate=cfg.drop_path_rate, **cfg.model_overrides)
+    preprocess = Preprocess.for_model(config)
+    shard = dict(num_shards=group_size, shard_id=rank) if cfg.distributed else {}
+    # check: "full" decodes every file, "header" only opens it, "none" trusts the files.
+    common = dict(num_workers=cfg.num_workers, class_names=classes, check=cfg.data_check)
+    train_ds, train_info = data.create_dataset(root, "train", preprocess, cfg.batch_size, training=cfg.augment,
+                                               shuffle=True, drop_remainder=True,
+                                               crop_scale=(cfg.crop_min_scale, 1.0), **shard, **common)
+    val_ds, val_info = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False, **common)
+    steps_per_epoch = train_ds.get_dataset_size()
+    if steps_per_epoch == 0:
+        raise data.DatasetError(f"{root / 'train'} has fewer images per device than one batch of "
+                                f"{cfg.batch_size}; lower --batch_size")
+    return _Data(classes, config, preprocess, train_ds, val_ds, steps_per_epoch,
+                 val_info.num_images - len(val_info.skipped))
+
+
+def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path]) -> _Trainer:
+    """The network (with pretrained weights), loss, schedule, optimizer and `Model` with its eval network."""
+    amp_level = amp_level_for(cfg)
+    # The model's fast path (fused CPU kernels) is float32 CPU code; other devices and AMP use plain ops.
+    net = ViT(batches.config, fast=cfg.device_target == "CPU" and amp_level == "O0")
+    if pretrained is not None:
+        report = ckpt.load_weights(net, pretrained)
+        logger.info("initial weights: %s", report.summary())
+    loss_fn = CrossEntropySmooth(batches.config.num_classes, cfg.label_smoothing)
+    schedule = lr_schedule(cfg, batches.steps_per_epoch)
+    optimizer = build_optimizer(net, cfg, schedule)
+    # The eval network sees the last, smaller val batch too: a dynamic batch dimension compiles it once
+    # (as `set_dynamic_batch` declares for a bare net; this cell also takes the labels). Training uses
+    # drop_remainder, so its graph keeps a static shape (and sinks on Ascend).
+    eval_net = nn.WithEvalCell(net, loss_fn, add_cast_fp32=amp_level in ("O2", "O3"))
+    eval_net.set_inputs(ms.Tensor(shape=[None, batches.config.in_channels, batches.config.image_size,
+                                         batches.config.image_size], dtype=ms.float32),
+                        ms.Tensor(shape=[None], dtype=ms.int32))
+    amp_kwargs = {}
+    if amp_level != "O0" and cfg.device_target == "CPU":
+        amp_kwargs["loss_scale_manager"] = None  # CPU has no dynamic loss scaling (overflow checks)
+    metrics = {"top1": TopKCategoricalAccuracy(1)}
+    if batches.config.num_classes > 5:  # top-5 of five or fewer classes is always 100%
+        metrics["top5"] = TopKCategoricalAccuracy(5)
+    model = Model(net, loss_fn=loss_fn, optimizer=optimizer, metrics=metrics, eval_network=eval_net,
+                  eval_indexes=[0, 1, 2], amp_level=amp_level, **amp_kwargs)
+    return _Trainer(net, model, optimizer, schedule)
+
+
+def _open_run_folder(cfg: TrainConfig, out: Path, logs: rundir.RunLogging) -> None:
+    """The inputs are sound: create the folder (clearing it with --overwrite), write config.json, and
+    start train.log with the lines logged so far."""
+    stale = rundir.prepare_run_folder(cfg, out)
+    rundir.write_config(out, cfg)
+    logs.open_file(out / rundir.LOG_FILE)
+    if stale:
+        logger.info("removed %d temporary file(s) an interrupted save left: %s", len(stale),
+                    ", ".join(p.name for p in stale))
+
+
+def _restore(train_network: nn.Cell, path: Path) -> dict:
+    """Load weights and optimizer state from last.ckpt into the train network; returns its metadata."""
+    # The learning-rate table is rebuilt from the settings (which may extend the run); the position in it
+    # is the restored global_step.
+    params = ms.load_checkpoint(str(path), choice_func=lambda name: name != "learning_rate")
+    raw = params.pop(ckpt.META_KEY, None)
+    meta = ckpt.parse_metadata(path, raw) if raw is not None else None
+    if meta is None or "epoch" not in meta:
+        raise ckpt.CheckpointError(f"{path} is not a vit_ms training checkpoint (no epoch in its "
+                                   f"metadata); start without --resume or point --output_dir at the run")
+    not_loaded, _ = ms.load_param_into_net(train_network, params, strict_load=True)
+    not_loaded = [name for name in not_loaded if name != "learning_rate"]
+    if not_loaded:
+        raise ckpt.CheckpointError(f"{path} lacks {len(not_loaded)} parameter(s) of this run's network and "
+                                   f"optimizer (e.g. {not_loaded[:3]}); was it written with another model or "
+                                   f"--optimizer?")
+    return meta
+
+
+def _global_step(optimizer: nn.Optimizer) -> int:
+    return int(optimizer.global_step.asnumpy().reshape(-1)[0])
+
+
+def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: int, group_size: int,
+         extra: list) -> TrainResult:
+    """Restore when resuming, run `Model.fit` with the run's callbacks, and report."""
+    writer = rank == 0
+    last_path, best_path = out / rundir.LAST_CKPT, out / rundir.BEST_CKPT
+    initial_epoch, best_top1 = 0, -1.0
+    if cfg.resume:
+        saved = _restore(trainer.model.train_network, last_path)
+        initial_epoch, best_top1 = int(saved["epoch"]), float(saved.get("best_top1", -1.0))
+        if writer:
+            rundir.trim_metrics(out, initial_epoch)
+        logger.info("resumed from %s: epoch %d done, global step %d, best val top-1 %.2f%%", last_path,
+                    initial_epoch, _global_step(trainer.optimizer), 100 * best_top1)
+        _skip_finished_epochs(batches.train, initial_epoch, batches.steps_per_epoch, sink_mode_for(cfg))
+    result = TrainResult(out, initial_epoch, max(best_top1, 0.0), (rundir.read_metrics(out) or [None])[-1],
+                         best_path, last_path, rank)
+    if initial_epoch >= cfg.epochs:
+        logger.info("%s already holds epoch %d of %d: nothing to train (raise --epochs to continue)",
+                    last_path, initial_epoch, cfg.epochs)
+        return result
+
+    state = RunState(lr=trainer.schedule, start_step=_global_step(trainer.optimizer),
+                     batch_size=cfg.batch_size * group_size, best_top1=best_top1)
+    stopper = StopOnSignal(state)
+    callbacks = [LossGuard(state), stopper]
+    if writer and cfg.progress_bar and sys.stderr.isatty():  # a log file gets the epoch lines only
+        callbacks.append(ProgressBar(state, cfg.epochs))
+    if writer:
+        callbacks.append(EpochRecorder(state, out, trainer.net, _metadata(cfg, batches), cfg.epochs,
+                                       top5=batches.config.num_classes > 5))
+    logger.info("model %s: %s, %d parameters; %d train steps of %d per epoch, %d val images, %d classes",
+                cfg.model, {k: v for k, v in batches.config.to_dict().items() if k != "num_classes"},
+                sum(p.size for p in trainer.net.trainable_params()), batches.steps_per_epoch,
+                cfg.batch_size * group_size, batches.val_images, len(batches.classes))
+    started = time.perf_counter()
+    stopper.install()
+    try:
+        trainer.model.fit(cfg.epochs, batches.train, batches.val, valid_frequency=1,
+                          callbacks=callbacks + extra, dataset_sink_mode=sink_mode_for(cfg),
+                          valid_dataset_sink_mode=False, initial_epoch=initial_epoch)
+    except TrainingInterrupted as stop:
+        stop.last_epoch = _saved_epoch(last_path)
+        if writer:
+            logger.warning("%s: stopped after epoch %d of %d (files consistent); continue with: %s",
+                           stop, stop.last_epoch, cfg.epochs, rundir.resume_command(out))
+        raise
+    finally:
+        stopper.uninstall()
+        if writer:
+            _plot_curves(out)
+    if state.diverged:
+        epoch = _saved_epoch(last_path)
+        kept = (f"the last good checkpoint is {last_path} (epoch {epoch})" if epoch
+                else "no epoch finished, so no checkpoint was written")
+        raise TrainingDiverged(f"{state.diverged}; {kept}. Lower --lr (now {cfg.lr:g}) or check the data.")
+
+    records = rundir.read_metrics(out)
+    result.epochs_done = records[-1]["epoch"] if records else cfg.epochs
+    result.best_top1 = max(state.best_top1, 0.0)
+    result.last_metrics = records[-1] if records else None
+    if writer:
+        logger.info("finished %d epoch(s) in %.1f s: best val top-1 %.2f%%; checkpoints %s and %s",
+                    cfg.epochs - initial_epoch, time.perf_counter() - started, 100 * result.best_top1,
+                    best_path, last_path)
+    return result
+
+
+def _skip_finished_epochs(dataset, epochs_done: int, steps_per_epoch: int, sink_mode: bool) -> None:
+    """Start the train pipeline where an uninterrupted run would be after `epochs_done` epochs.
+
+    The shuffle order of every later epoch is then the uninterrupted run's (tested); random crops, flips
+    and stochastic depth draw new numbers (MindSpore's fast recovery skips without replaying the random
+    ops). The unit is MindSpore's own in `mindspore.train.model._calc_cb_initial_step`: epochs in sink
+    mode, steps otherwise.
+    """
+    if epochs_done:
+        dataset.set_init_step(epochs_done if sink_mode else epochs_done * steps_per_epoch)
+
+
+def _metadata(cfg: TrainConfig, batches: _Data) -> dict:
+    return ckpt.make_metadata(batches.config, batches.classes, batches.preprocess, train_config=cfg.to_dict())
+
+
+def _saved_epoch(last_path: Path) -> int:
+    """The epoch last.ckpt holds (0 when there is none)."""
+    if not last_path.is_file():
+        return 0
+    return int((ckpt.read_metadata(last_path) or {}).get("epoch", 0))
+
+
+def _plot_curves(out: Path) -> None:
+    # Once per run, not per epoch: drawing costs about a second, a lot beside a small model's epoch.
+    if not (out / rundir.METRICS_FILE).is_file():
+        return
+    from ..viz import plot_training_curves  # matplotlib only when a curve is drawn
+
+    try:
+        plot_training_curves(out / rundir.METRICS_FILE, out / rundir.CURVES_FILE)
+    except (OSError, ValueError, KeyError) as error:  # a picture must never stop a training run
+        logger.warning("could not draw %s: %s", out / rundir.CURVES_FILE, error)
+
+
+__all__ = ["TrainResult", "train", "resolve_data_root"]
