@@ -23,7 +23,7 @@ def run_followups(cfg, result, data_root: Optional[Path] = None) -> dict:
         result: what `train` returned (output_dir, best_checkpoint).
         data_root: the ImageFolder root; default: resolved from `cfg` again.
     """
-    from ..evaluate import evaluate_folder, find_images, load_classifier, predict_images
+    from ..evaluate import evaluate_folder, find_images, load_classifier, run_inference, write_predictions
     from ..export import export_model
     from .loop import resolve_data_root
 
@@ -36,17 +36,19 @@ def run_followups(cfg, result, data_root: Optional[Path] = None) -> dict:
     metrics = dict(evaluation.to_dict(), checkpoint=str(result.best_checkpoint))
     eval_file = files.write_text_atomic(out / "eval" / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     logger.info("follow-up: val top-1 %.2f%%, cross-entropy %.4f -> %s", 100 * evaluation.top_1,
-                evaluation.loss, eval_file)
+                evaluation.cross_entropy, eval_file)
 
+    # What `infer.py --input ROOT/infer --output_dir RUN/infer` writes: predictions and annotated pictures.
     paths, skipped = find_images([str(root / "infer")]) if (root / "infer").is_dir() else ([], [])
-    predictions, unreadable = predict_images(classifier, paths)
-    records = [{"path": p.path, "classes": p.names, "probabilities": p.probabilities} for p in predictions]
-    infer_file = files.write_text_atomic(out / "infer" / "predictions.json",
-                                         json.dumps({"predictions": records, "skipped": skipped + unreadable},
-                                                    indent=2) + "\n")
-    logger.info("follow-up: %d image(s) predicted -> %s", len(records), infer_file)
+    inference = run_inference(classifier, paths, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              out_dir=out / "infer")
+    inference.skipped = skipped + inference.skipped
+    infer_file, _ = write_predictions(inference, out / "infer")
+    logger.info("follow-up: %d image(s) predicted -> %s", len(inference.predictions), infer_file)
 
-    report = export_model(classifier.net, out / "vit.mindir", classifier.metadata())
+    # The run folder is this run's own (train.py refused a folder holding another run), so a MINDIR there
+    # is from an earlier attempt at this same run.
+    report = export_model(classifier.net, out / "vit.mindir", classifier.metadata(), overwrite=True)
     logger.info("follow-up: exported %s", report.path)
     return {"eval": eval_file, "infer": infer_file, "export": report.path}
 

@@ -203,12 +203,7 @@ def _restore(train_network: nn.Cell, path: Path) -> dict:
     """Load weights and optimizer state from last.ckpt into the train network; returns its metadata."""
     # The learning-rate table is rebuilt from the settings (which may extend the run); the position in it
     # is the restored global_step.
-    params = ms.load_checkpoint(str(path), choice_func=lambda name: name != "learning_rate")
-    raw = params.pop(ckpt.META_KEY, None)
-    meta = ckpt.parse_metadata(path, raw) if raw is not None else None
-    if meta is None or "epoch" not in meta:
-        raise ckpt.CheckpointError(f"{path} is not a vit_ms training checkpoint (no epoch in its "
-                                   f"metadata); start without --resume or point --output_dir at the run")
+    params, meta = ckpt.read_training_checkpoint(path)  # integrity-checked; raises CheckpointError
     not_loaded, _ = ms.load_param_into_net(train_network, params, strict_load=True)
     not_loaded = [name for name in not_loaded if name != "learning_rate"]
     if not_loaded:
