@@ -2,12 +2,11 @@
 (AVX-512, AVX2, baseline x86-64; a variant the CPU lacks is reported as skipped with the reason): forward
 values and the gradients their hand-written backward kernels give for a random upstream gradient.
 
-Tolerances are float32 rounding bounds computed from the data, never constants tuned on one machine.
-u = 2^-24 is float32's unit roundoff. A sum of K products in float32, in any order or blocking (which is
-what differs between sgemm paths and between ISAs), differs from the exact sum by at most
-gamma_K * sum |a_i b_i|, gamma_K = K u / (1 - K u) (Higham, "Accuracy and Stability of Numerical
-Algorithms", 2nd ed., Eq. 3.5). For the matrix-product kernels and their gradients, which are all such
-sums, `sum |a_i b_i|` is the same computation on absolute values, done in float64 by PyTorch.
+Tolerances are float32 rounding bounds computed from the data (`float32_bounds`), never constants tuned
+on one machine. A float32 sum of K products, in any order or blocking (what differs between sgemm paths
+and between ISAs), is within gamma_K * sum |a_i b_i| of the exact sum. For the matrix-product kernels
+and their gradients, which are all such sums, `sum |a_i b_i|` is the same computation on absolute
+values, done in float64 by PyTorch.
 """
 import math
 import shutil
@@ -17,20 +16,13 @@ import numpy as np
 import pytest
 from mindspore import nn
 
+from float32_bounds import U, assert_within as _assert_within, gamma
 from torch_reference import torch
 from vit_ms import ops as kernels
 from vit_ms.ops.builder import _CPU_FLAG
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="the fused kernels need a C++ compiler (g++) on this machine")
-
-U = 2.0 ** -24
-
-
-def gamma(k: int) -> float:
-    """Higham's gamma_k: the relative bound on k successive float32 roundings."""
-    return k * U / (1 - k * U)
-
 
 def _variant(isa):
     if isa in kernels.cpu_isas():
@@ -70,12 +62,6 @@ def _torch(torch_op, inputs, upstream, wrt):
     out = torch_op(*ref_inputs)
     (out * torch.from_numpy(np.asarray(upstream, np.float64))).sum().backward()
     return out.detach().numpy(), [t.grad.numpy() for t in ref_inputs[:wrt]]
-
-
-def _assert_within(actual, expected, bound, what):
-    excess = np.abs(actual.astype(np.float64) - expected) - bound
-    assert (excess <= 0).all(), (f"{what}: error exceeds its float32 bound by up to {excess.max():.3g} "
-                                 f"at {np.unravel_index(excess.argmax(), excess.shape)}")
 
 
 def _check_sums(op, torch_op, inputs, k, wrt=None):

@@ -30,8 +30,9 @@ class TorchViT(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(c.embed_dim, eps=c.norm_eps)  # before pooling ("token") or after ("avg")
         self.head = torch.nn.Linear(c.embed_dim, c.num_classes)
 
-    def features(self, x):
-        """Tokens after the last block (before any final norm)."""
+    def features(self, x, probs=None):
+        """Tokens after the last block (before any final norm); appends each block's attention
+        probabilities (B, heads, T, T) to the list `probs` if one is given."""
         F = torch.nn.functional
         x = self.conv(x).flatten(2).transpose(1, 2)
         if self.cls is not None:
@@ -39,7 +40,10 @@ class TorchViT(torch.nn.Module):
         x = x + self.pos
         for i in range(self.c.depth):
             h = self.ln1[i](x)
-            x = x + self.mha[i](h, h, h, need_weights=False)[0]
+            attended, p = self.mha[i](h, h, h, need_weights=probs is not None, average_attn_weights=False)
+            if probs is not None:
+                probs.append(p)
+            x = x + attended
             h = self.fc1[i](self.ln2[i](x))
             h = F.gelu(h, approximate="tanh" if self.c.gelu_approximate else "none")
             x = x + self.fc2[i](h)

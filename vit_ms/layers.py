@@ -41,9 +41,17 @@ def _env_allows_fused() -> bool:
     raise ValueError(f"{FUSED_ENV}={value!r}: use 1 (fused CPU kernels where possible) or 0 (plain ops)")
 
 
+def _device_target() -> str:
+    return ms.get_context("device_target")
+
+
 def use_fused_kernels(requested: Optional[bool] = None, *, device_target: Optional[str] = None,
-                      amp_level: str = "O0", dtype=ms.float32) -> bool:
-    """Whether a network built now computes on the fused CPU kernels; logs the decision once (INFO).
+                      amp_level: str = "O0", dtype=ms.float32, log: bool = False) -> bool:
+    """Whether a network built now computes on the fused CPU kernels.
+
+    `ViT` calls this once per build with `log=True` (one INFO line with the reason). A caller that knows
+    more, e.g. training under AMP, asks it first and passes the answer: `ViT(config,
+    fast=use_fused_kernels(device_target=..., amp_level=...))`.
 
     Args:
         requested: None lets this function decide; False forces the plain ops; True asks for the fused
@@ -51,8 +59,9 @@ def use_fused_kernels(requested: Optional[bool] = None, *, device_target: Option
         device_target: "CPU", "GPU", "Ascend"; default: the current MindSpore context's.
         amp_level: the mixed-precision level training will apply ("O0" = none).
         dtype: the parameters' dtype.
+        log: log the decision (INFO) and a refused request (WARNING).
     """
-    device_target = device_target or ms.get_context("device_target")
+    device_target = device_target or _device_target()
     if not _env_allows_fused():
         fused, why = False, f"{FUSED_ENV}=0"
     elif device_target != "CPU":
@@ -63,6 +72,8 @@ def use_fused_kernels(requested: Optional[bool] = None, *, device_target: Option
         fused, why = False, f"AMP level {amp_level}, dtype {dtype} (the fused kernels are float32)"
     else:
         fused, why = True, "CPU, float32"
+    if not log:
+        return fused
     if requested and not fused:
         logger.warning("fast=True ignored: %s", why)
     logger.info("vit_ms layers: %s (%s)", "fused CPU kernels" if fused else "plain MindSpore ops", why)
@@ -77,52 +88,55 @@ def _ops():
 
 class FusedLinear(nn.Dense):
     """`nn.Dense` (same parameters) on fused CPU kernels: the whole layer on oneDNN's sgemm where the
-    MindSpore wheel ships oneDNN, else MindSpore's MatMul with the bias added by a kernel whose backward
-    sums the bias gradient in one pass (MindSpore's CPU BiasAddGrad took 12 % of a ViT-S step)."""
+    MindSpore wheel ships oneDNN (`linear`), else MindSpore's MatMul with the bias added by a kernel whose
+    backward sums the bias gradient in one pass (MindSpore's CPU BiasAddGrad took 12 % of a ViT-S step)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, linear=None, add_bias=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.linear = _ops().linear()
-        self.add_bias = _ops().add_bias() if self.linear is None else None
+        self.linear = linear
+        self.add_bias = add_bias
 
     def construct(self, x):
         rows = x.reshape(-1, self.in_channels)
         if self.linear is not None:
             y = self.linear(rows, self.weight, self.bias)  # (rows, out)
-        elif self.add_bias is not None:
+        else:
             # nn.Dense's own 2-D MatMul(transpose_b): its backward needs no Transpose ops, unlike ops.dense's.
             y = self.add_bias(self.matmul(rows, self.weight), self.bias)
-        else:
-            y = self.bias_add(self.matmul(rows, self.weight), self.bias)
         return y.reshape(x.shape[:-1] + (self.out_channels,))
 
 
 def linear(in_dim: int, out_dim: int, *, fused: bool, bias_std: float = 0.0, weight_init=None) -> nn.Dense:
-    """A Dense layer; Xavier-uniform weight (the paper's JAX init) unless given, bias N(0, bias_std) or 0."""
+    """A Dense layer (`nn.Dense`, or `FusedLinear` where fused kernels build); Xavier-uniform weight (the
+    paper's JAX init) unless given, bias N(0, bias_std) or zeros."""
     bias_init = Normal(bias_std) if bias_std else Zero()
     weight_init = XavierUniform() if weight_init is None else weight_init
-    cls = FusedLinear if fused else nn.Dense
-    return cls(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init)
+    kernel = _ops().linear() if fused else None
+    add_bias = _ops().add_bias() if fused and kernel is None else None
+    if kernel is None and add_bias is None:
+        return nn.Dense(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init)
+    return FusedLinear(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init, linear=kernel,
+                       add_bias=add_bias)
 
 
 class FusedLayerNorm(nn.LayerNorm):
     """`nn.LayerNorm` over the last axis (same gamma, beta) on the fused CPU kernel: MindSpore's CPU
     LayerNormGrad took 23 % of a ViT-S training step."""
 
-    def __init__(self, normalized_shape, epsilon):
+    def __init__(self, normalized_shape, epsilon, kernel):
         super().__init__(normalized_shape, epsilon=epsilon)
-        self.kernel = _ops().layer_norm()
+        self.kernel = kernel
         self.eps = ms.Tensor([epsilon], ms.float32)
 
     def construct(self, x):
-        if self.kernel is None:
-            return ops.layer_norm(x, self.normalized_shape, self.gamma, self.beta, self.epsilon)
         return self.kernel(x, self.gamma, self.beta, self.eps)
 
 
 def layer_norm(dim: int, eps: float, *, fused: bool) -> nn.LayerNorm:
-    """LayerNorm over the last axis (gamma ones, beta zeros)."""
-    return FusedLayerNorm((dim,), eps) if fused else nn.LayerNorm((dim,), epsilon=eps)
+    """LayerNorm over the last axis (gamma ones, beta zeros): `nn.LayerNorm`, or `FusedLayerNorm` where
+    the fused kernel builds."""
+    kernel = _ops().layer_norm() if fused else None
+    return nn.LayerNorm((dim,), epsilon=eps) if kernel is None else FusedLayerNorm((dim,), eps, kernel)
 
 
 class GELU(nn.Cell):

@@ -115,7 +115,7 @@ class ViT(nn.Cell):
     def __init__(self, config: ViTConfig, fast: Optional[bool] = None):
         super().__init__()
         self.config = config
-        self.fast = use_fused_kernels(fast)
+        self.fast = use_fused_kernels(fast, log=True)  # decided once per network, logged
         fused = self.fast
         d = config.embed_dim
         self.num_prefix_tokens = 1 if config.class_token else 0
@@ -134,6 +134,7 @@ class ViT(nn.Cell):
         self.head_drop = nn.Dropout(p=config.dropout)
         # Zero head (as in big_vision): a fresh head starts from uniform predictions when fine-tuning.
         self.head = linear(d, config.num_classes, fused=fused, weight_init=Zero())
+        self._intermediates = None  # built by the first forward_intermediates
 
     def embed(self, x):
         """Eq. 1: patch tokens, CLS token in front (if the config has one), position embedding added."""
@@ -165,22 +166,44 @@ class ViT(nn.Cell):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x) -> dict:
-        """Everything a probe or a picture needs from one forward pass, in eval or train mode as set.
+        """Everything a probe or a picture needs from one forward pass (in the train/eval mode set).
 
         Returns a dict of Tensors: "embed" (B, T, D) after Eq. 1; "tokens", one (B, T, D) per block;
         "attention", one (B, heads, T, T) per block (softmax probabilities); "features" (B, T, D) as
-        `forward_features`; "pre_logits" (B, D); "logits" (B, num_classes).
+        `forward_features`; "pre_logits" (B, D); "logits" (B, num_classes). Runs in the current execution
+        mode: one compiled graph in graph mode.
         """
+        if self._intermediates is None:
+            # Not a child Cell (that would put the network inside itself): a plain attribute.
+            object.__setattr__(self, "_intermediates", _Intermediates(self))
+        self._intermediates.set_train(self.training)
+        embed, tokens, attention, features, pre_logits, logits = self._intermediates(x)
+        return {"embed": embed, "tokens": list(tokens), "attention": list(attention), "features": features,
+                "pre_logits": pre_logits, "logits": logits}
+
+    def intermediates_tuple(self, x):
+        """`forward_intermediates` as a tuple, traceable in graph mode."""
         x = self.embed(x)
-        out = {"embed": x, "tokens": [], "attention": []}
+        embed, tokens, attention = x, (), ()
         for block in self.blocks:
             x, probs = block.forward_with_probs(x)
-            out["tokens"].append(x)
-            out["attention"].append(probs)
-        out["features"] = self.norm(x)
-        out["pre_logits"] = self.pool(out["features"])
-        out["logits"] = self.head(self.head_drop(out["pre_logits"]))
-        return out
+            tokens += (x,)
+            attention += (probs,)
+        features = self.norm(x)
+        pre_logits = self.pool(features)
+        return embed, tokens, attention, features, pre_logits, self.head(self.head_drop(pre_logits))
+
+
+class _Intermediates(nn.Cell):
+    """`ViT.intermediates_tuple` as one Cell, so that graph mode compiles the pass as one graph instead of
+    a graph per sub-Cell called from Python (MindSpore keys those by object id, which Python reuses)."""
+
+    def __init__(self, net: ViT):
+        super().__init__(auto_prefix=False)  # the parameters keep the network's names
+        self.net = net
+
+    def construct(self, x):
+        return self.net.intermediates_tuple(x)
 
 
 def create_model(name_or_config="vit_b_16", *, fast: Optional[bool] = None, **overrides) -> ViT:
