@@ -24,6 +24,12 @@ from vit_ms.ops.builder import _CPU_FLAG
 SMALL = ViTConfig(image_size=64, patch_size=16, num_classes=10, embed_dim=64, depth=2, num_heads=4, mlp_dim=128)
 
 
+@pytest.fixture(autouse=True)
+def _fused_kernels_allowed(monkeypatch):
+    """This file tests the fused path itself, also in a run with VIT_MS_FUSED_KERNELS=0 for the rest."""
+    monkeypatch.delenv(layers.FUSED_ENV, raising=False)
+
+
 def _variant(isa):
     if isa in kernels.cpu_isas():
         return pytest.param(isa, id=isa)

@@ -115,8 +115,7 @@ class ViT(nn.Cell):
     def __init__(self, config: ViTConfig, fast: Optional[bool] = None):
         super().__init__()
         self.config = config
-        self.fast = use_fused_kernels(fast, log=True)  # decided once per network, logged
-        fused = self.fast
+        fused = self.fast = use_fused_kernels(fast, log=True)  # decided once per network, logged
         d = config.embed_dim
         self.num_prefix_tokens = 1 if config.class_token else 0
         self.patch_embed = PatchEmbed(config, fused)
