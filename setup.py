@@ -11,7 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["vit_ms", "vit_ms.*"]),
-    package_data={"vit_ms": ["*.json"]},  # the ImageNet class index used to name predictions
+    # The ImageNet class index used to name predictions; the C++ kernel sources, compiled on first use.
+    package_data={"vit_ms": ["*.json"], "vit_ms.ops": ["csrc/*.cc", "csrc/*.h"]},
     install_requires=[
         # Tested with 2.10.0 on CPU; the range admits the MindSpore an Ascend user already installed.
         "mindspore>=2.3,<3",

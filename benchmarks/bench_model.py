@@ -62,50 +62,12 @@ def sgemm_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
 # --- one measurement, in a fresh process ---------------------------------------------------------
 
 def _torch_vit(config):
-    """The same ViT math from torch.nn parts: conv patch embedding, fused qkv, pre-norm blocks."""
-    import torch
-    from torch import nn
-    F = nn.functional
+    """The same ViT from torch.nn parts: the tests' reference (`tests/torch_reference.py`), with
+    torch.nn.MultiheadAttention doing the attention."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from torch_reference import TorchViT
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            d = config.embed_dim
-            self.norm1 = nn.LayerNorm(d, eps=config.norm_eps)
-            self.qkv = nn.Linear(d, 3 * d)
-            self.proj = nn.Linear(d, d)
-            self.norm2 = nn.LayerNorm(d, eps=config.norm_eps)
-            self.fc1 = nn.Linear(d, config.mlp_dim)
-            self.fc2 = nn.Linear(config.mlp_dim, d)
-
-        def forward(self, x):
-            b, n, d = x.shape
-            h = config.num_heads
-            q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-            probs = torch.softmax(q * (d // h) ** -0.5 @ k.transpose(-1, -2), dim=-1)
-            x = x + self.proj((probs @ v).transpose(1, 2).reshape(b, n, d))
-            act = F.gelu(self.fc1(self.norm2(x)), approximate="tanh" if config.gelu_approximate else "none")
-            return x + self.fc2(act)
-
-    class ViT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            d = config.embed_dim
-            self.patch_embed = nn.Conv2d(config.in_channels, d, config.patch_size, config.patch_size)
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-            self.pos_embed = nn.Parameter(torch.randn(1, config.num_patches + 1, d) * 0.02)
-            self.blocks = nn.ModuleList(Block() for _ in range(config.depth))
-            self.norm = nn.LayerNorm(d, eps=config.norm_eps)
-            self.head = nn.Linear(d, config.num_classes)
-
-        def forward(self, x):
-            x = self.patch_embed(x).flatten(2).transpose(1, 2)
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-            for block in self.blocks:
-                x = block(x)
-            return self.head(self.norm(x)[:, 0])
-
-    return ViT()
+    return TorchViT(config)
 
 
 def _torch_step(config, task):
@@ -151,11 +113,7 @@ def _mindspore_step(config, task, fast, dynamic, memory, compile_cache):
         opt = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.05)
         step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.CrossEntropyLoss()), opt)
         step.set_train(True)
-        if dynamic:
-            s = config.image_size
-            step.set_inputs(ms.Tensor(shape=[None, config.in_channels, s, s], dtype=ms.float32),
-                            ms.Tensor(shape=[None], dtype=ms.int32))
-        run = step
+        run = set_dynamic_batch(step, config, labels=True) if dynamic else step
     if task == "infer":
         return (lambda x, y: run(x)), (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy()), (lambda x, y: run.compile(x))
     return run, (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy()), run.compile

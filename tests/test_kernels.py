@@ -1,5 +1,14 @@
-"""The fast path's CPU kernels (`vit_ms.kernels`), each against PyTorch in float64: forward values and the
-gradients their hand-written backward kernels give for a random upstream gradient."""
+"""The fused CPU kernels (`vit_ms.ops`) against PyTorch in float64, on every compiled variant this CPU runs
+(AVX-512, AVX2, baseline x86-64; a variant the CPU lacks is reported as skipped with the reason): forward
+values and the gradients their hand-written backward kernels give for a random upstream gradient.
+
+Tolerances are float32 rounding bounds computed from the data (`float32_bounds`), never constants tuned
+on one machine. A float32 sum of K products, in any order or blocking (what differs between sgemm paths
+and between ISAs), is within gamma_K * sum |a_i b_i| of the exact sum. For the matrix-product kernels
+and their gradients, which are all such sums, `sum |a_i b_i|` is the same computation on absolute
+values, done in float64 by PyTorch.
+"""
+import math
 import shutil
 
 import mindspore as ms
@@ -7,11 +16,24 @@ import numpy as np
 import pytest
 from mindspore import nn
 
+from float32_bounds import U, assert_within as _assert_within, gamma
 from torch_reference import torch
-from vit_ms import kernels
+from vit_ms import ops as kernels
+from vit_ms.ops.builder import _CPU_FLAG
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="the fused kernels need a C++ compiler (g++) on this machine")
+
+def _variant(isa):
+    if isa in kernels.cpu_isas():
+        return pytest.param(isa, id=isa)
+    return pytest.param(isa, id=isa, marks=pytest.mark.skip(
+        reason=f"not applicable: this CPU lacks {_CPU_FLAG[isa]}, so the {isa} kernels cannot run here"))
+
+
+@pytest.fixture(params=[_variant(isa) for isa in kernels.ISAS])
+def isa(request):
+    return request.param
 
 
 class _Weighted(nn.Cell):
@@ -26,37 +48,56 @@ class _Weighted(nn.Cell):
         return (self.op(*inputs) * self.upstream).sum()
 
 
-def _check(op, torch_op, inputs, atol, wrt=None):
-    """op's output and the gradients of its first `wrt` inputs (default all) against torch_op in float64,
-    for a random upstream gradient."""
-    wrt = len(inputs) if wrt is None else wrt
+def _ours(op, inputs, upstream, wrt):
+    """op's output and the gradients of its first `wrt` inputs for `upstream`, in float32."""
     out = op(*(ms.Tensor(a) for a in inputs)).asnumpy()
-    ref_inputs = [torch.from_numpy(a).double().requires_grad_() for a in inputs]
-    ref = torch_op(*ref_inputs)
-    upstream = np.random.default_rng(3).standard_normal(ref.shape).astype(np.float32)
-    (ref * torch.from_numpy(upstream).double()).sum().backward()
-    grads = ms.grad(_Weighted(op, upstream), grad_position=tuple(range(wrt)))(
-        *(ms.Tensor(a) for a in inputs))
+    grads = ms.grad(_Weighted(op, upstream), grad_position=tuple(range(wrt)))(*(ms.Tensor(a) for a in inputs))
     grads = grads if isinstance(grads, tuple) else (grads,)  # one input: ms.grad returns the tensor itself
-    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=0, atol=atol)
-    for i, (grad, ref_input) in enumerate(zip(grads, ref_inputs[:wrt])):
-        np.testing.assert_allclose(grad.asnumpy(), ref_input.grad.numpy(), rtol=0, atol=atol, err_msg=f"input {i}")
+    return out, [g.asnumpy() for g in grads]
+
+
+def _torch(torch_op, inputs, upstream, wrt):
+    """The same in float64 with PyTorch."""
+    ref_inputs = [torch.from_numpy(np.asarray(a, np.float64)).requires_grad_() for a in inputs]
+    out = torch_op(*ref_inputs)
+    (out * torch.from_numpy(np.asarray(upstream, np.float64))).sum().backward()
+    return out.detach().numpy(), [t.grad.numpy() for t in ref_inputs[:wrt]]
+
+
+def _check_sums(op, torch_op, inputs, k, wrt=None):
+    """A kernel whose output and gradients are sums of at most k products each: errors within gamma_k
+    times the same sums over absolute values (plus one rounding of the result, counted in k)."""
+    wrt = len(inputs) if wrt is None else wrt
+    upstream = np.random.default_rng(3).standard_normal(torch_op(*map(torch.from_numpy, inputs)).shape)
+    upstream = upstream.astype(np.float32)
+    out, grads = _ours(op, inputs, upstream, wrt)
+    ref_out, ref_grads = _torch(torch_op, inputs, upstream, wrt)
+    abs_out, abs_grads = _torch(torch_op, [np.abs(a) for a in inputs], np.abs(upstream), wrt)
+    _assert_within(out, ref_out, gamma(k) * abs_out, "output")
+    for i, (grad, ref, magnitude) in enumerate(zip(grads, ref_grads, abs_grads)):
+        _assert_within(grad, ref, gamma(k) * magnitude, f"gradient of input {i}")
 
 
 def _normal(*shape, seed=0):
     return np.random.default_rng(seed + len(shape)).standard_normal(shape).astype(np.float32)
 
 
-def test_dense_kernel_is_x_wt_plus_b(mode):
-    linear = kernels.linear_kernel()
+def test_dense_kernel_is_x_wt_plus_b(isa, mode):
+    linear = kernels.linear(isa)
     assert linear is not None, "the MindSpore wheel here ships oneDNN: the Dense kernel must build"
-    # 37 rows: an odd count, split unevenly over the threads.
-    _check(linear, lambda x, w, b: x @ w.T + b, [_normal(37, 24), _normal(16, 24, seed=1), _normal(16, seed=2)],
-           atol=1e-4)
+    rows, k, n = 37, 24, 16  # 37 rows: an odd count, split unevenly over the threads
+    # Longest sum: the weight gradient over the 37 rows; +2 for the bias add and the final rounding.
+    _check_sums(linear, lambda x, w, b: x @ w.T + b, [_normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)],
+                k=max(rows, k, n) + 2)
 
 
-def test_attention_kernels_read_heads_in_place(mode):
-    scores, values = kernels.attention_kernels()
+def test_add_bias_kernel(isa, mode):
+    # x + b is one rounding; the bias gradient sums 37 rows.
+    _check_sums(kernels.add_bias(isa), lambda x, b: x + b, [_normal(37, 16), _normal(16, seed=1)], k=37 + 1)
+
+
+def test_attention_kernels_read_heads_in_place(isa, mode):
+    scores, values = kernels.attention(isa)
     b, n, heads, dim = 2, 7, 3, 5
     qkv = _normal(b, n, 3, heads, dim)  # the qkv projection's output, viewed per head
     probs = _normal(b, heads, n, n, seed=2)
@@ -69,41 +110,88 @@ def test_attention_kernels_read_heads_in_place(mode):
     def torch_values(p, t):
         return (p @ t[:, :, 2].transpose(1, 2)).transpose(1, 2)  # (B, N, heads, head_dim)
 
-    _check(scores, torch_scores, [qkv, scale], atol=1e-5, wrt=1)  # the scale is a constant: no gradient
-    _check(values, torch_values, [probs, qkv], atol=1e-5)
+    # Sums over head_dim (forward) or N (backward); +2 for the scale product and the final rounding.
+    _check_sums(scores, torch_scores, [qkv, scale], k=max(n, dim) + 2, wrt=1)  # the scale is a constant
+    _check_sums(values, torch_values, [probs, qkv], k=max(n, dim) + 1)
 
 
-def test_softmax_kernel(mode):
-    softmax = kernels.softmax_kernel()
-    x = _normal(2, 3, 5, 197) * 4
+def test_softmax_kernel(isa, mode):
+    d = 197
+    x = _normal(2, 3, 5, d) * 4
     x[0, 0, 0, :] = 80.0  # a constant row: exp(x - max) must not overflow
-    _check(softmax, lambda t: torch.softmax(t, dim=-1), [x], atol=1e-6)
+    upstream = _normal(*x.shape, seed=4)
+    y, (dx,) = _ours(kernels.softmax(isa), [x], upstream, 1)
+    ref_y, (ref_dx,) = _torch(lambda t: torch.softmax(t, dim=-1), [x], upstream, 1)
+    # y_j = e_j / S, e_j = exp(x_j - m). x_j - m rounds once (relative u, so u |x_j - m| absolute in the
+    # exponent, the same relative error in e_j); Cephes' exp adds <= 2 u; S sums d terms (gamma_d); the
+    # division rounds once. Every e_j lies below the clamp's exp(-87) only where y_j < 1e-37.
+    x64 = x.astype(np.float64)
+    rel_y = U * np.abs(x64 - x64.max(axis=-1, keepdims=True)) + gamma(d + 4)
+    bound_y = rel_y * ref_y + 1e-37
+    _assert_within(y, ref_y, bound_y, "softmax")
+    # dx_j = y_j (dy_j - s), s = sum_k dy_k y_k: the error of y carried through both factors, s's own
+    # sum (gamma_d), and the two roundings of the subtraction and the product.
+    dy = upstream.astype(np.float64)
+    s = (dy * ref_y).sum(axis=-1, keepdims=True)
+    ds = gamma(d) * np.abs(dy * ref_y).sum(axis=-1, keepdims=True) + (np.abs(dy) * bound_y).sum(axis=-1, keepdims=True)
+    bound_dx = bound_y * np.abs(dy - s) + ref_y * (ds + gamma(2) * np.abs(dy - s)) + 1e-37
+    _assert_within(dx, ref_dx, bound_dx, "softmax gradient")
 
 
-def test_patchify_kernel_is_exact_and_inverts_in_backward(mode):
+@pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
+def test_gelu_kernel_matches_float64_reference(isa, approximate):
+    kernel = kernels.gelu(approximate, isa)
+    assert kernel is not None
+    x = np.concatenate([np.linspace(-10, 10, 20001), np.random.default_rng(7).standard_normal(5000) * 3])
+    x = x.astype(np.float32)
+    y, (dx,) = _ours(kernel, [x], np.ones_like(x), 1)
+    ref_y, (ref_dx,) = _torch(lambda t: torch.nn.functional.gelu(t, approximate="tanh" if approximate else "none"),
+                              [x], np.ones_like(x), 1)
+    x64 = x.astype(np.float64)
+    # y = 0.5 x (1 + erf(x / sqrt 2)) or 0.5 x (1 + tanh(a)). Eigen's rational erf and the exp-based
+    # tanh are accurate to a few ulp *absolute* near +-1 (Eigen's docs; Cephes), so 1 + erf keeps an
+    # absolute error of ~4 u even where it cancels (large negative x): |dy| <= 8 u (|y| + 0.5 |x|).
+    _assert_within(y, ref_y, 8 * U * (np.abs(ref_y) + 0.5 * np.abs(x64)), "GELU")
+    # dy/dx = T1 + T2: T1 = 0.5 (1 + erf or tanh), absolute error <= 0.5 * 8 u as above; T2 = x phi(x) (erf) or 0.5 x sech^2(a) a'
+    # (tanh) holds an exp(-e) whose argument e (x^2 / 2, or 2 |a|) carries a relative error of ~2 u,
+    # hence e * 2 u relative in exp(-e), plus a few roundings of the products.
+    if approximate:
+        arg = 0.7978845608028654 * (x64 + 0.044715 * x64 ** 3)
+        t1, e = 0.5 * (1 + np.tanh(arg)), 2 * np.abs(arg)
+    else:
+        t1, e = 0.5 * (1 + np.vectorize(math.erf)(x64 / np.sqrt(2))), x64 ** 2 / 2
+    t2 = ref_dx - t1
+    _assert_within(dx, ref_dx, U * (4 + (8 + 2 * e) * np.abs(t2) + np.abs(ref_dx)), "GELU gradient")
+
+
+def test_patchify_kernel_is_exact_and_inverts_in_backward(isa, mode):
     image = _normal(2, 3, 2, 4, 3, 4)  # (B, C, H/p, p, W/p, p)
     perm = (0, 2, 4, 1, 3, 5)
-    patchify = kernels.patchify_kernel()
+    patchify = kernels.patchify(isa)
     np.testing.assert_array_equal(patchify(ms.Tensor(image)).asnumpy(), image.transpose(perm))
     upstream = _normal(*image.transpose(perm).shape, seed=5)
     grad = ms.grad(_Weighted(patchify, upstream))(ms.Tensor(image)).asnumpy()
-    np.testing.assert_array_equal(grad, upstream.transpose(np.argsort(perm)))
+    np.testing.assert_array_equal(grad, upstream.transpose(np.argsort(perm)))  # a copy: no rounding at all
 
 
-def test_kernels_accept_a_dynamic_batch():
+def test_kernels_accept_a_dynamic_batch(isa):
     """Shapes come from the library's C++ infer functions, so one graph serves every batch size."""
-    linear = kernels.linear_kernel()
-    patchify = kernels.patchify_kernel()
+    linear = kernels.linear(isa)
+    patchify = kernels.patchify(isa)
+    w, b = _normal(6, 8), _normal(6, seed=1)
 
     class Net(nn.Cell):
         def __init__(self):
             super().__init__()
-            self.w = ms.Parameter(ms.Tensor(_normal(6, 8)))
-            self.b = ms.Parameter(ms.Tensor(_normal(6, seed=1)))
+            self.w = ms.Parameter(ms.Tensor(w))
+            self.b = ms.Parameter(ms.Tensor(b))
 
         def construct(self, x):  # (B, 4, 8) -> (B, 1, 1, 4, 2, 3)
             y = linear(x.reshape(-1, 8), self.w, self.b)
             return patchify(y.reshape(-1, 4, 1, 2, 1, 3))
+
+    def arrange(rows):  # (B 4, 6) -> the patchified layout
+        return rows.reshape(-1, 4, 1, 2, 1, 3).transpose(0, 2, 4, 1, 3, 5)
 
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -111,10 +199,26 @@ def test_kernels_accept_a_dynamic_batch():
         net = Net()
         net.set_inputs(ms.Tensor(shape=[None, 4, 8], dtype=ms.float32))
         for batch in (3, 1):
-            x = _normal(batch, 4, 8, seed=batch)
-            expected = (x.reshape(-1, 8) @ _normal(6, 8).T + _normal(6, seed=1)).reshape(batch, 4, 2, 3)
-            expected = expected.reshape(batch, 4, 1, 2, 1, 3).transpose(0, 2, 4, 1, 3, 5)
-            np.testing.assert_allclose(net(ms.Tensor(x)).asnumpy(), expected, rtol=0, atol=1e-5)
+            x = _normal(batch, 4, 8, seed=batch).reshape(-1, 8).astype(np.float64)
+            expected = arrange(x @ w.T + b)
+            bound = arrange(gamma(8 + 2) * (np.abs(x) @ np.abs(w.T) + np.abs(b)))  # sums of 8 products + bias
+            _assert_within(net(ms.Tensor(x.astype(np.float32).reshape(batch, 4, 8))).asnumpy(), expected, bound,
+                           f"batch {batch}")
         assert len(net.compile_cache) == 1  # one phase per graph MindSpore really compiled
     finally:
         ms.set_context(mode=previous)
+
+
+def test_a_variant_this_cpu_lacks_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_isas", lambda: ("baseline",))
+    monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+    with pytest.raises(ValueError, match=r"VIT_MS_KERNEL_ISA='avx2': this CPU cannot run that variant \(it runs "
+                                         r"\['baseline'\]\)"):
+        kernels.selected_isa()
+    with pytest.raises(ValueError, match="cannot run the 'avx2' kernels"):
+        kernels.library("avx2")
+    monkeypatch.setenv(kernels.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match=r"'sse9' is not a kernel variant; use one of \['auto', 'avx512'"):
+        kernels.selected_isa()
+    monkeypatch.setenv(kernels.ISA_ENV, "auto")
+    assert kernels.selected_isa() == "baseline"

@@ -44,6 +44,14 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 to this at the last block
     norm_eps: float = 1e-6  # LayerNorm epsilon (JAX/timm use 1e-6, MindSpore's default is 1e-7)
     gelu_approximate: bool = False  # True: tanh GELU (MindSpore's nn.GELU default); False: exact erf
+    # "token": the head reads the CLS token after the final norm (the paper); "avg": the mean of the patch
+    # tokens, normalised after pooling by `fc_norm` while the final `norm` is dropped (timm 1.0.31
+    # models/vision_transformer.py: `use_fc_norm = global_pool in ('avg', ...)`, `self.norm = ... if not
+    # use_fc_norm else nn.Identity()`).
+    global_pool: str = "token"
+    # A CLS token in front of the patches; without it the position embedding covers the patches only
+    # (timm: `embed_len = num_patches + num_prefix_tokens`). global_pool="token" needs it.
+    class_token: bool = True
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "embed_dim", "depth",
@@ -65,6 +73,13 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.norm_eps must be positive, got {self.norm_eps!r}")
         if not isinstance(self.gelu_approximate, bool):
             raise ValueError(f"ViTConfig.gelu_approximate must be a bool, got {self.gelu_approximate!r}")
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"ViTConfig.global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if not isinstance(self.class_token, bool):
+            raise ValueError(f"ViTConfig.class_token must be a bool, got {self.class_token!r}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("ViTConfig.global_pool='token' needs ViTConfig.class_token=True; "
+                             "use global_pool='avg' for a model without a class token")
 
     @property
     def grid_size(self) -> int:
@@ -125,14 +140,15 @@ def count_parameters(config: ViTConfig) -> int:
     """Number of trainable parameters, computed from the config alone (no tensors allocated)."""
     d, p, c = config.embed_dim, config.patch_size, config.in_channels
     patch_embed = c * p * p * d + d
-    tokens = d + (config.num_patches + 1) * d  # CLS token + position embedding
+    prefix = 1 if config.class_token else 0
+    tokens = prefix * d + (config.num_patches + prefix) * d  # CLS token + position embedding
     block = (2 * d  # norm1
              + d * 3 * d + 3 * d  # fused qkv
              + d * d + d  # output projection
              + 2 * d  # norm2
              + d * config.mlp_dim + config.mlp_dim  # fc1
              + config.mlp_dim * d + d)  # fc2
-    head = 2 * d + d * config.num_classes + config.num_classes  # final norm + classifier
+    head = 2 * d + d * config.num_classes + config.num_classes  # final norm (or fc_norm) + classifier
     return patch_embed + tokens + config.depth * block + head
 
 

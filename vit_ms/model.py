@@ -5,238 +5,101 @@
     z_l = MLP(LN(z'_l)) + z'_l                                  (3)  Block: feed-forward branch
     y = LN(z_L^0)                                               (4)  norm, then head on the CLS token
 
+With `ViTConfig.global_pool="avg"` the head reads the mean of the patch tokens, normalised by `fc_norm`
+(the final `norm` is then the identity), and `class_token=False` drops x_class, as timm does.
+
 Weight init (the paper's JAX scheme, as in big_vision): Dense kernels Xavier-uniform, biases zero
 except the MLP's N(0, 1e-6); the patch-embedding conv LeCun-normal (fan-in); the position embedding
 N(0, 0.02); the CLS token and the classifier head zero; LayerNorm ones/zeros. Each initializer is
 declared where its layer is built.
 
-Every Cell takes `fast` (default True): the same math and parameters computed the way MindSpore's CPU
-backend runs fastest, within float32 rounding (1e-5 on logits) of the plain path (`fast=False`), which
-spells each step with the obvious op. The fast path computes the patch embedding as a matrix product
-instead of a strided `Conv2d` (~100x faster on CPU) and runs on fused CPU kernels (`vit_ms.kernels`,
-each with its own backward): the Dense layers and the attention products on oneDNN's sgemm, attention
-reading q, k and v in place in the qkv output (no head split, no transposes), softmax, GELU, LayerNorm
-and the patch permutation. A kernel that cannot be built leaves its step to the plain op. Checkpoints
-are the same for both paths.
+The layers come from `vit_ms.layers`, which decides once per network (`use_fused_kernels`) whether they
+compute on fused CPU kernels or on MindSpore's built-in ops: same parameters, same checkpoints, logits
+within float32 rounding. `fast=False` forces the plain ops (exportable to MINDIR and ONNX).
 
 The model knows nothing of checkpoints, data or training: see `vit_ms.checkpoint` for weights.
 """
 from __future__ import annotations
 
-import math
+from typing import Optional
 
 import mindspore as ms
 from mindspore import nn, ops, Parameter
-from mindspore.common.initializer import Normal, TruncatedNormal, XavierUniform, Zero, initializer
+from mindspore.common.initializer import Normal, Zero, initializer
 
 from .config import ViTConfig, get_config
-from .kernels import (add_bias_kernel, attention_kernels, gelu_kernel, layer_norm_kernel, linear_kernel,
-                      patchify_kernel, softmax_kernel)
-
-
-class _FastDense(nn.Dense):
-    """`nn.Dense` (same parameters) on fused CPU kernels: the whole layer on oneDNN's sgemm where the
-    MindSpore wheel ships oneDNN (`linear`), else MindSpore's MatMul with the bias added by a kernel whose
-    backward sums the bias gradient in one pass (MindSpore's CPU BiasAddGrad took 12 % of a ViT-S step)."""
-
-    def __init__(self, *args, linear=None, add_bias=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.linear = linear
-        self.add_bias = add_bias
-
-    def construct(self, x):
-        rows = x.reshape(-1, self.in_channels)
-        if self.linear is not None:
-            y = self.linear(rows, self.weight, self.bias)  # (rows, out)
-        else:
-            # nn.Dense's own 2-D MatMul(transpose_b): its backward needs no Transpose ops, unlike ops.dense's.
-            y = self.add_bias(self.matmul(rows, self.weight), self.bias)
-        return y.reshape(x.shape[:-1] + (self.out_channels,))
-
-
-class _FastLayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm` over the last axis (same gamma, beta) computed by the fused CPU kernel: MindSpore's CPU
-    LayerNormGrad took 23 % of a ViT-S training step."""
-
-    def __init__(self, normalized_shape, epsilon, kernel):
-        super().__init__(normalized_shape, epsilon=epsilon)
-        self.kernel = kernel
-        self.eps = ms.Tensor([epsilon], ms.float32)
-
-    def construct(self, x):
-        return self.kernel(x, self.gamma, self.beta, self.eps)
-
-
-def _dense(in_dim: int, out_dim: int, bias_std: float = 0.0, fast: bool = True, weight_init=None) -> nn.Dense:
-    bias_init = Normal(bias_std) if bias_std else Zero()
-    weight_init = XavierUniform() if weight_init is None else weight_init
-    add_bias = add_bias_kernel() if fast else None
-    if add_bias is None:
-        return nn.Dense(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init)
-    return _FastDense(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init, linear=linear_kernel(),
-                      add_bias=add_bias)
-
-
-def _layer_norm(config: ViTConfig, fast: bool = True) -> nn.LayerNorm:
-    kernel = layer_norm_kernel() if fast else None
-    if kernel is None:
-        return nn.LayerNorm((config.embed_dim,), epsilon=config.norm_eps)
-    return _FastLayerNorm((config.embed_dim,), config.norm_eps, kernel)
+from .layers import GELU, AttentionCore, DropPath, PatchProjection, layer_norm, linear, use_fused_kernels
 
 
 class PatchEmbed(nn.Cell):
-    """Split the image into patches and project each to `embed_dim` with one strided convolution."""
+    """Split the image into patches and project each to `embed_dim` (a stride-p convolution)."""
 
-    def __init__(self, config: ViTConfig, fast: bool = True):
+    def __init__(self, config: ViTConfig, fused: bool = False):
         super().__init__()
-        self.fast = fast
-        self.patch_size = config.patch_size
-        self.embed_dim = config.embed_dim
-        fan_in = config.in_channels * config.patch_size ** 2
-        # LeCun normal, truncated at 2 sigma; 0.8796 undoes the variance lost to truncation (as in JAX).
-        sigma = math.sqrt(1.0 / fan_in) / 0.87962566103423978
-        self.proj = nn.Conv2d(config.in_channels, config.embed_dim, kernel_size=config.patch_size,
-                              stride=config.patch_size, pad_mode="valid", has_bias=True,
-                              weight_init=TruncatedNormal(sigma, a=-2 * sigma, b=2 * sigma), bias_init=Zero())
-        self.patchify = patchify_kernel() if fast else None
-        self.linear = linear_kernel() if fast else None
-        self.add_bias = add_bias_kernel() if fast else None
-        self.matmul = ops.MatMul(transpose_b=True)  # not ops.dense, whose backward adds Transposes
+        self.proj = PatchProjection(config.in_channels, config.embed_dim, config.patch_size, fused=fused)
 
     def construct(self, x):
-        if not self.fast:
-            x = self.proj(x)  # (B, C, H, W) -> (B, D, H/p, W/p)
-            x = x.flatten(start_dim=2)  # -> (B, D, N)
-            return x.swapaxes(1, 2)  # -> (B, N, D)
-        # The same convolution as one matrix product with the conv's own weight: a stride-p, p x p conv
-        # is a Dense on flattened patches, and MindSpore's CPU Conv2d is ~100x slower than its MatMul.
-        _, c, h, w = x.shape
-        p = self.patch_size
-        x = x.reshape(-1, c, h // p, p, w // p, p)
-        # -> (B, H/p, W/p, C, p, p); the kernel is the same permutation without Transpose's offset table.
-        x = x.transpose(0, 2, 4, 1, 3, 5) if self.patchify is None else self.patchify(x)
-        x = x.reshape(-1, c * p * p)  # -> (B N, C p p), each row one patch in the weight's (C, p, p) order
-        weight = self.proj.weight.reshape(self.embed_dim, -1)  # (D, C p p)
-        if self.linear is not None:
-            x = self.linear(x, weight, self.proj.bias)  # -> (B N, D)
-        else:
-            x = self.matmul(x, weight)
-            x = x + self.proj.bias if self.add_bias is None else self.add_bias(x, self.proj.bias)
-        return x.reshape(-1, (h // p) * (w // p), self.embed_dim)  # -> (B, N, D)
+        return self.proj(x)  # (B, C, H, W) -> (B, N, D)
 
 
 class Attention(nn.Cell):
     """Multi-head self-attention with one fused qkv projection."""
 
-    def __init__(self, config: ViTConfig, fast: bool = True):
+    def __init__(self, config: ViTConfig, fused: bool = False):
         super().__init__()
-        self.embed_dim = config.embed_dim
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim ** -0.5
-        self.qkv = _dense(config.embed_dim, 3 * config.embed_dim, fast=fast)
+        self.qkv = linear(config.embed_dim, 3 * config.embed_dim, fused=fused)
+        self.core = AttentionCore(config.head_dim, fused=fused)
         self.attn_drop = nn.Dropout(p=config.attention_dropout)
-        self.proj = _dense(config.embed_dim, config.embed_dim, fast=fast)
-        # The fast path reads q, k and v where the qkv projection wrote them: no head split, no transposes
-        # (MindSpore's CPU Transpose holds an offset table of 2x the tensor for the graph's lifetime).
-        kernels = attention_kernels() if fast else None
-        self.scores_kernel, self.values_kernel = kernels or (None, None)
-        self.scale_tensor = ms.Tensor([self.scale], ms.float32)
-        self.softmax = softmax_kernel() if fast else None
+        self.proj = linear(config.embed_dim, config.embed_dim, fused=fused)
 
-    def split_qkv(self, x):
-        """Tokens (B, N, D) -> qkv (B, N, 3, heads, head_dim), a view of the projection's output."""
-        return self.qkv(x).reshape(-1, x.shape[1], 3, self.num_heads, self.head_dim)
-
-    def scores(self, qkv):
-        """q k^T / sqrt(d_h): (B, heads, N, N)."""
-        if self.scores_kernel is not None:
-            return self.scores_kernel(qkv, self.scale_tensor)
-        q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (B, heads, N, head_dim)
-        k = qkv[:, :, 1].transpose(0, 2, 3, 1)  # (B, heads, head_dim, N)
-        return ops.matmul(q * self.scale, k)
-
-    def weighted_values(self, probs, qkv):
-        """probs v with the heads merged again: (B, N, heads, head_dim)."""
-        if self.values_kernel is not None:
-            return self.values_kernel(probs, qkv)
-        v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, heads, N, head_dim)
-        return ops.matmul(probs, v).swapaxes(1, 2)
-
-    def attention_probs(self, x):
-        """softmax(q k^T / sqrt(d_h)) from tokens x (B, N, D): (B, heads, N, N)."""
-        return self.softmax_probs(self.scores(self.split_qkv(x)))
-
-    def softmax_probs(self, scores):
-        """Softmax over the keys (last axis)."""
-        return ops.softmax(scores, axis=-1) if self.softmax is None else self.softmax(scores)
-
-    def construct(self, x):
+    def forward_with_probs(self, x):
+        """Tokens (B, N, D) -> (output (B, N, D), attention probabilities (B, heads, N, N))."""
         _, n, d = x.shape
-        qkv = self.split_qkv(x)
-        probs = self.softmax_probs(self.scores(qkv))
-        x = self.weighted_values(self.attn_drop(probs), qkv)  # (B, N, heads, head_dim)
-        return self.proj(x.reshape(-1, n, d))  # heads concatenated, then projected
-
-
-class GELU(nn.Cell):
-    """GELU, exact (erf) or tanh; `fast` uses the fused CPU kernel of `vit_ms.kernels` where it builds."""
-
-    def __init__(self, approximate: bool, fast: bool = True):
-        super().__init__()
-        self.approximate = "tanh" if approximate else "none"
-        self.kernel = gelu_kernel(approximate) if fast else None
+        qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, head_dim)
+        probs = self.core.probs(qkv)  # (B, heads, N, N)
+        x = self.core.values(self.attn_drop(probs), qkv)  # (B, N, heads, head_dim)
+        return self.proj(x.reshape(-1, n, d)), probs  # heads concatenated, then projected
 
     def construct(self, x):
-        if self.kernel is None:
-            return ops.gelu(x, approximate=self.approximate)
-        return self.kernel(x)
+        return self.forward_with_probs(x)[0]
 
 
 class FeedForward(nn.Cell):
     """The MLP of each block: Dense, GELU, dropout, Dense, dropout."""
 
-    def __init__(self, config: ViTConfig, fast: bool = True):
+    def __init__(self, config: ViTConfig, fused: bool = False):
         super().__init__()
-        self.fc1 = _dense(config.embed_dim, config.mlp_dim, bias_std=1e-6, fast=fast)
-        self.act = GELU(config.gelu_approximate, fast)
-        self.fc2 = _dense(config.mlp_dim, config.embed_dim, bias_std=1e-6, fast=fast)
+        self.fc1 = linear(config.embed_dim, config.mlp_dim, bias_std=1e-6, fused=fused)
+        self.act = GELU(config.gelu_approximate, fused=fused)
+        self.fc2 = linear(config.mlp_dim, config.embed_dim, bias_std=1e-6, fused=fused)
         self.drop = nn.Dropout(p=config.dropout)
 
     def construct(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-class DropPath(nn.Cell):
-    """Stochastic depth: drop a sample's whole residual branch with probability p while training."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def construct(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = ops.floor(keep + ops.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype))
-        return x / keep * mask
-
-
 class Block(nn.Cell):
     """One pre-norm encoder block, Eq. 2 and 3."""
 
-    def __init__(self, config: ViTConfig, drop_path: float = 0.0, fast: bool = True):
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0, fused: bool = False):
         super().__init__()
-        self.norm1 = _layer_norm(config, fast)
-        self.attn = Attention(config, fast)
-        self.norm2 = _layer_norm(config, fast)
-        self.mlp = FeedForward(config, fast)
+        self.norm1 = layer_norm(config.embed_dim, config.norm_eps, fused=fused)
+        self.attn = Attention(config, fused)
+        self.norm2 = layer_norm(config.embed_dim, config.norm_eps, fused=fused)
+        self.mlp = FeedForward(config, fused)
         self.drop_path = DropPath(drop_path)
 
-    def construct(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))  # (2)
+    def forward_with_probs(self, x):
+        """Tokens (B, N, D) -> (tokens (B, N, D), this block's attention probabilities)."""
+        attended, probs = self.attn.forward_with_probs(self.norm1(x))
+        x = x + self.drop_path(attended)  # (2)
         x = x + self.drop_path(self.mlp(self.norm2(x)))  # (3)
-        return x
+        return x, probs
+
+    def construct(self, x):
+        return self.forward_with_probs(x)[0]
 
 
 class ViT(nn.Cell):
@@ -244,65 +107,132 @@ class ViT(nn.Cell):
 
     Args:
         config: the architecture.
-        fast: compute the same math the fastest way for MindSpore's CPU backend (see the module
-            docstring); False spells each step with the plain op, e.g. the `Conv2d` patch embedding.
+        fast: None (default) lets `vit_ms.layers.use_fused_kernels` decide (fused CPU kernels on a
+            float32 CPU network); True asks for them; False forces MindSpore's plain ops, e.g. the
+            `Conv2d` patch embedding, for export.
     """
 
-    def __init__(self, config: ViTConfig, fast: bool = True):
+    def __init__(self, config: ViTConfig, fast: Optional[bool] = None):
         super().__init__()
         self.config = config
-        self.fast = fast
+        fused = self.fast = use_fused_kernels(fast, log=True)  # decided once per network, logged
         d = config.embed_dim
-        self.patch_embed = PatchEmbed(config, fast)
-        self.cls_token = Parameter(initializer(Zero(), (1, 1, d)), name="cls_token")
-        self.pos_embed = Parameter(initializer(Normal(0.02), (1, config.num_patches + 1, d)), name="pos_embed")
+        self.num_prefix_tokens = 1 if config.class_token else 0
+        self.patch_embed = PatchEmbed(config, fused)
+        if config.class_token:
+            self.cls_token = Parameter(initializer(Zero(), (1, 1, d)), name="cls_token")
+        num_tokens = config.num_patches + self.num_prefix_tokens
+        self.pos_embed = Parameter(initializer(Normal(0.02), (1, num_tokens, d)), name="pos_embed")
         self.pos_drop = nn.Dropout(p=config.dropout)
         rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.CellList([Block(config, rate, fast) for rate in rates])
-        self.norm = _layer_norm(config, fast)
+        self.blocks = nn.CellList([Block(config, rate, fused) for rate in rates])
+        # timm: with average pooling the final norm moves after the pooling (fc_norm).
+        avg = config.global_pool == "avg"
+        self.norm = nn.Identity() if avg else layer_norm(d, config.norm_eps, fused=fused)
+        self.fc_norm = layer_norm(d, config.norm_eps, fused=fused) if avg else nn.Identity()
         self.head_drop = nn.Dropout(p=config.dropout)
         # Zero head (as in big_vision): a fresh head starts from uniform predictions when fine-tuning.
-        self.head = _dense(d, config.num_classes, fast=fast, weight_init=Zero())
+        self.head = linear(d, config.num_classes, fused=fused, weight_init=Zero())
+        self._intermediates = None  # built by the first forward_intermediates
 
     def embed(self, x):
-        """Eq. 1: patch tokens, CLS token in front, position embedding added."""
+        """Eq. 1: patch tokens, CLS token in front (if the config has one), position embedding added."""
         x = self.patch_embed(x)  # (B, N, D)
-        cls = ops.broadcast_to(self.cls_token, (x.shape[0], -1, -1))  # (B, 1, D)
-        x = ops.cat((cls, x), axis=1) + self.pos_embed  # (B, N + 1, D)
-        return self.pos_drop(x)
+        if self.num_prefix_tokens:
+            cls = ops.broadcast_to(self.cls_token, (x.shape[0], -1, -1))  # (B, 1, D)
+            x = ops.cat((cls, x), axis=1)  # (B, 1 + N, D)
+        return self.pos_drop(x + self.pos_embed)
 
     def forward_features(self, x):
-        """Images (B, C, H, W) -> normed tokens (B, N + 1, D)."""
+        """Images (B, C, H, W) -> tokens (B, T, D), T = N (+ 1 with a class token); normed by (4)
+        unless global_pool="avg", which normalises after pooling."""
         x = self.embed(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)  # (4)
 
+    def pool(self, x):
+        """Tokens (B, T, D) -> one vector per image (B, D): the CLS token, or the mean of the patch tokens."""
+        if self.config.global_pool == "avg":
+            return self.fc_norm(x[:, self.num_prefix_tokens:].mean(axis=1))
+        return x[:, 0]
+
     def forward_head(self, x):
-        """Normed tokens (B, N + 1, D) -> logits (B, num_classes), from the CLS token."""
-        return self.head(self.head_drop(x[:, 0]))
+        """Tokens from `forward_features` (B, T, D) -> logits (B, num_classes)."""
+        return self.head(self.head_drop(self.pool(x)))
 
     def construct(self, x):
         return self.forward_head(self.forward_features(x))
 
+    def forward_intermediates(self, x) -> dict:
+        """Everything a probe or a picture needs from one forward pass (in the train/eval mode set).
 
-def create_model(name_or_config="vit_b_16", *, fast: bool = True, **overrides) -> ViT:
+        Returns a dict of Tensors: "embed" (B, T, D) after Eq. 1; "tokens", one (B, T, D) per block;
+        "attention", one (B, heads, T, T) per block (softmax probabilities); "features" (B, T, D) as
+        `forward_features`; "pre_logits" (B, D); "logits" (B, num_classes). Runs in the current execution
+        mode: one compiled graph in graph mode.
+        """
+        if self._intermediates is None:
+            # Not a child Cell (that would put the network inside itself): a plain attribute.
+            object.__setattr__(self, "_intermediates", _Intermediates(self))
+        self._intermediates.set_train(self.training)
+        embed, tokens, attention, features, pre_logits, logits = self._intermediates(x)
+        return {"embed": embed, "tokens": list(tokens), "attention": list(attention), "features": features,
+                "pre_logits": pre_logits, "logits": logits}
+
+    def intermediates_tuple(self, x):
+        """`forward_intermediates` as a tuple, traceable in graph mode."""
+        x = self.embed(x)
+        embed, tokens, attention = x, (), ()
+        for block in self.blocks:
+            x, probs = block.forward_with_probs(x)
+            tokens += (x,)
+            attention += (probs,)
+        features = self.norm(x)
+        pre_logits = self.pool(features)
+        return embed, tokens, attention, features, pre_logits, self.head(self.head_drop(pre_logits))
+
+
+class _Intermediates(nn.Cell):
+    """`ViT.intermediates_tuple` as one Cell, so that graph mode compiles the pass as one graph instead of
+    a graph per sub-Cell called from Python (MindSpore keys those by object id, which Python reuses)."""
+
+    def __init__(self, net: ViT):
+        super().__init__(auto_prefix=False)  # the parameters keep the network's names
+        self.net = net
+
+    def construct(self, x):
+        return self.net.intermediates_tuple(x)
+
+
+def create_model(name_or_config="vit_b_16", *, fast: Optional[bool] = None, **overrides) -> ViT:
     """Build a ViT from a preset name or a `ViTConfig`; `overrides` are `ViTConfig` field names.
 
     Args:
         name_or_config: a key of `vit_ms.PRESETS` (e.g. "vit_b_16", "tutorial") or a `ViTConfig`.
-        fast: the fast CPU computation (default) or the plain one; same parameters and logits.
+        fast: None: `vit_ms.layers.use_fused_kernels` decides; True/False force the fused CPU kernels or
+            the plain ops (same parameters and, within float32 rounding, the same logits).
         **overrides: field values replacing the preset's, e.g. `num_classes=10, image_size=64`.
     """
     return ViT(get_config(name_or_config, **overrides), fast=fast)
 
 
-def set_dynamic_batch(net: nn.Cell, config: ViTConfig) -> nn.Cell:
-    """Declare a dynamic batch dimension so graph mode compiles once for every batch size."""
-    net.set_inputs(ms.Tensor(shape=[None, config.in_channels, config.image_size, config.image_size],
-                             dtype=ms.float32))
+def set_dynamic_batch(net: nn.Cell, config: ViTConfig, labels: bool = False) -> nn.Cell:
+    """Declare a dynamic batch dimension so graph mode compiles once for every batch size.
+
+    Args:
+        net: a Cell taking images (B, C, H, W) float32, e.g. a `ViT`; with `labels`, a Cell taking
+            (images, labels (B,) int32), e.g. `nn.WithEvalCell` or a `TrainOneStepCell`.
+        config: the model's config (channels and image size).
+        labels: declare the second, label input too.
+    """
+    images = ms.Tensor(shape=[None, config.in_channels, config.image_size, config.image_size], dtype=ms.float32)
+    if labels:
+        net.set_inputs(images, ms.Tensor(shape=[None], dtype=ms.int32))
+    else:
+        net.set_inputs(images)
     return net
 
 
-__all__ = ["ViT", "PatchEmbed", "Attention", "GELU", "FeedForward", "DropPath", "Block", "create_model",
-           "set_dynamic_batch"]
+__all__ = ["ViT", "PatchEmbed", "Attention", "FeedForward", "Block", "create_model", "set_dynamic_batch",
+           "GELU", "DropPath"]

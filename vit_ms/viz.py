@@ -276,29 +276,21 @@ def attention_rollout(net, images: np.ndarray) -> np.ndarray:
     much of the classification token's information comes from each input token.
 
     Args:
-        net: a `ViT` (its blocks are run one by one in PyNative mode; the mode is restored after).
-        images: preprocessed images (B, 3, S, S) float32.
+        net: a `ViT`; its attention comes from `net.forward_intermediates`, in the current execution mode.
+        images: preprocessed images (B, C, S, S) float32.
 
     Returns:
-        (B, N + 1, N + 1) float64, every row summing to 1; token 0 is the CLS token.
+        (B, T, T) float64, every row summing to 1; with a class token, token 0 is the CLS token.
     """
     import mindspore as ms
 
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # the blocks' intermediate attention is read eagerly
-    try:
-        net.set_train(False)
-        x = net.embed(ms.Tensor(images))  # (B, N + 1, D)
-        eye = np.eye(x.shape[1])
-        rollout = None
-        for block in net.blocks:
-            probs = block.attn.attention_probs(block.norm1(x))  # (B, heads, N + 1, N + 1)
-            a = probs.asnumpy().astype(np.float64).mean(axis=1) + eye
-            a /= a.sum(axis=-1, keepdims=True)
-            rollout = a if rollout is None else a @ rollout  # later blocks act on earlier blocks' mixing
-            x = block(x)
-    finally:
-        ms.set_context(mode=previous)
+    net.set_train(False)
+    rollout = None
+    for probs in net.forward_intermediates(ms.Tensor(images))["attention"]:  # (B, heads, T, T) per block
+        a = probs.asnumpy().astype(np.float64).mean(axis=1)
+        a += np.eye(a.shape[-1])  # the residual path
+        a /= a.sum(axis=-1, keepdims=True)
+        rollout = a if rollout is None else a @ rollout  # later blocks act on earlier blocks' mixing
     return rollout
 
 

@@ -1,0 +1,249 @@
+"""The building blocks of the ViT (`vit_ms.model`), and the one decision of how they compute.
+
+Linear, LayerNorm, GELU, DropPath, the attention core (scores, softmax, values) and the patch projection,
+each in two forms with the same parameters and math: the plain MindSpore op (`nn.Dense`, `nn.LayerNorm`,
+a strided `nn.Conv2d`, ...), which runs on every device and exports to MINDIR and ONNX, and a fused form
+on the CPU kernels of `vit_ms.ops` (the CPU backend's MatMul, Conv2d, LayerNormGrad, Transpose and
+softmax backward are slow or hold memory; see `vit_ms.ops`). Checkpoints are the same for both.
+
+`use_fused_kernels` is the one place that chooses (as timm's `use_fused_attn()`): the model calls it
+once per network build, logs the decision, and hands each layer a plain `fused` bool. Fused kernels
+are CPU code for float32 graphs, so the answer is False on any other device target, under AMP or for
+another dtype, and when the environment says so:
+
+    VIT_MS_FUSED_KERNELS=0   plain MindSpore ops everywhere (1, the default: fused where the policy allows)
+    VIT_MS_KERNEL_ISA=...    which compiled variant the fused layers use (see `vit_ms.ops`)
+
+A fused layer whose kernel cannot be built (no compiler) computes that step with the built-in op.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import Normal, TruncatedNormal, XavierUniform, Zero
+
+logger = logging.getLogger(__name__)
+
+FUSED_ENV = "VIT_MS_FUSED_KERNELS"
+
+
+def _env_allows_fused() -> bool:
+    value = os.environ.get(FUSED_ENV, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes", ""):
+        return True
+    raise ValueError(f"{FUSED_ENV}={value!r}: use 1 (fused CPU kernels where possible) or 0 (plain ops)")
+
+
+def _device_target() -> str:
+    return ms.get_context("device_target")
+
+
+def use_fused_kernels(requested: Optional[bool] = None, *, device_target: Optional[str] = None,
+                      amp_level: str = "O0", dtype=ms.float32, log: bool = False) -> bool:
+    """Whether a network built now computes on the fused CPU kernels.
+
+    `ViT` calls this once per build with `log=True` (one INFO line with the reason). A caller that knows
+    more, e.g. training under AMP, asks it first and passes the answer: `ViT(config,
+    fast=use_fused_kernels(device_target=..., amp_level=...))`.
+
+    Args:
+        requested: None lets this function decide; False forces the plain ops; True asks for the fused
+            kernels, still refused where they cannot run (another device, $VIT_MS_FUSED_KERNELS=0).
+        device_target: "CPU", "GPU", "Ascend"; default: the current MindSpore context's.
+        amp_level: the mixed-precision level training will apply ("O0" = none).
+        dtype: the parameters' dtype.
+        log: log the decision (INFO) and a refused request (WARNING).
+    """
+    device_target = device_target or _device_target()
+    if not _env_allows_fused():
+        fused, why = False, f"{FUSED_ENV}=0"
+    elif device_target != "CPU":
+        fused, why = False, f"device target {device_target} (the fused kernels are CPU code)"
+    elif requested is not None:
+        fused, why = bool(requested), f"fast={requested} requested"
+    elif amp_level != "O0" or dtype != ms.float32:
+        fused, why = False, f"AMP level {amp_level}, dtype {dtype} (the fused kernels are float32)"
+    else:
+        fused, why = True, "CPU, float32"
+    if not log:
+        return fused
+    if requested and not fused:
+        logger.warning("fast=True ignored: %s", why)
+    logger.info("vit_ms layers: %s (%s)", "fused CPU kernels" if fused else "plain MindSpore ops", why)
+    return fused
+
+
+def _ops():
+    from . import ops as kernels  # imported on the first fused layer: building is never an import's effect
+
+    return kernels
+
+
+class FusedLinear(nn.Dense):
+    """`nn.Dense` (same parameters) on fused CPU kernels: the whole layer on oneDNN's sgemm where the
+    MindSpore wheel ships oneDNN (`linear`), else MindSpore's MatMul with the bias added by a kernel whose
+    backward sums the bias gradient in one pass (MindSpore's CPU BiasAddGrad took 12 % of a ViT-S step)."""
+
+    def __init__(self, *args, linear=None, add_bias=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.linear = linear
+        self.add_bias = add_bias
+
+    def construct(self, x):
+        rows = x.reshape(-1, self.in_channels)
+        if self.linear is not None:
+            y = self.linear(rows, self.weight, self.bias)  # (rows, out)
+        else:
+            # nn.Dense's own 2-D MatMul(transpose_b): its backward needs no Transpose ops, unlike ops.dense's.
+            y = self.add_bias(self.matmul(rows, self.weight), self.bias)
+        return y.reshape(x.shape[:-1] + (self.out_channels,))
+
+
+def linear(in_dim: int, out_dim: int, *, fused: bool, bias_std: float = 0.0, weight_init=None) -> nn.Dense:
+    """A Dense layer (`nn.Dense`, or `FusedLinear` where fused kernels build); Xavier-uniform weight (the
+    paper's JAX init) unless given, bias N(0, bias_std) or zeros."""
+    bias_init = Normal(bias_std) if bias_std else Zero()
+    weight_init = XavierUniform() if weight_init is None else weight_init
+    kernel = _ops().linear() if fused else None
+    add_bias = _ops().add_bias() if fused and kernel is None else None
+    if kernel is None and add_bias is None:
+        return nn.Dense(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init)
+    return FusedLinear(in_dim, out_dim, weight_init=weight_init, bias_init=bias_init, linear=kernel,
+                       add_bias=add_bias)
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` over the last axis (same gamma, beta) on the fused CPU kernel: MindSpore's CPU
+    LayerNormGrad took 23 % of a ViT-S training step."""
+
+    def __init__(self, normalized_shape, epsilon, kernel):
+        super().__init__(normalized_shape, epsilon=epsilon)
+        self.kernel = kernel
+        self.eps = ms.Tensor([epsilon], ms.float32)
+
+    def construct(self, x):
+        return self.kernel(x, self.gamma, self.beta, self.eps)
+
+
+def layer_norm(dim: int, eps: float, *, fused: bool) -> nn.LayerNorm:
+    """LayerNorm over the last axis (gamma ones, beta zeros): `nn.LayerNorm`, or `FusedLayerNorm` where
+    the fused kernel builds."""
+    kernel = _ops().layer_norm() if fused else None
+    return nn.LayerNorm((dim,), epsilon=eps) if kernel is None else FusedLayerNorm((dim,), eps, kernel)
+
+
+class GELU(nn.Cell):
+    """GELU, exact (erf) or tanh."""
+
+    def __init__(self, approximate: bool, *, fused: bool):
+        super().__init__()
+        self.approximate = "tanh" if approximate else "none"
+        self.kernel = _ops().gelu(approximate) if fused else None
+
+    def construct(self, x):
+        if self.kernel is None:
+            return ops.gelu(x, approximate=self.approximate)
+        return self.kernel(x)
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth: drop a sample's whole residual branch with probability p while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def construct(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        # ops.bernoulli, not ops.rand: ops.rand goes through the deprecated UniformReal primitive, which
+        # warns at every graph build.
+        mask = ops.bernoulli(ops.zeros((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype), p=keep)
+        return x / keep * mask
+
+
+class AttentionCore(nn.Cell):
+    """softmax(q k^T / sqrt(d_h)) v from the qkv projection's output viewed as (B, N, 3, heads, head_dim).
+
+    The fused form reads q, k and v where the projection wrote them: no head split, no transposes
+    (MindSpore's CPU Transpose holds an offset table of 2x the tensor for the graph's lifetime).
+    """
+
+    def __init__(self, head_dim: int, *, fused: bool):
+        super().__init__()
+        self.scale = head_dim ** -0.5
+        kernels = _ops().attention() if fused else None
+        self.scores_kernel, self.values_kernel = kernels or (None, None)
+        self.softmax_kernel = _ops().softmax() if fused else None
+        self.scale_tensor = ms.Tensor([self.scale], ms.float32)
+
+    def probs(self, qkv):
+        """softmax over the keys of q k^T / sqrt(d_h): (B, heads, N, N)."""
+        if self.scores_kernel is not None:
+            scores = self.scores_kernel(qkv, self.scale_tensor)
+        else:
+            q = qkv[:, :, 0].transpose(0, 2, 1, 3)  # (B, heads, N, head_dim)
+            k = qkv[:, :, 1].transpose(0, 2, 3, 1)  # (B, heads, head_dim, N)
+            scores = ops.matmul(q * self.scale, k)
+        return ops.softmax(scores, axis=-1) if self.softmax_kernel is None else self.softmax_kernel(scores)
+
+    def values(self, probs, qkv):
+        """probs v with the heads merged again: (B, N, heads, head_dim)."""
+        if self.values_kernel is not None:
+            return self.values_kernel(probs, qkv)
+        v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, heads, N, head_dim)
+        return ops.matmul(probs, v).swapaxes(1, 2)
+
+
+class PatchProjection(nn.Conv2d):
+    """Images (B, C, H, W) -> patch tokens (B, N, D): a p x p convolution with stride p (LeCun-normal
+    weight, zero bias), parameters `weight` (D, C, p, p) and `bias` (D,) as `nn.Conv2d`'s.
+
+    The fused form computes the same convolution as one matrix product on the flattened patches:
+    MindSpore's CPU Conv2d is ~100x slower than its MatMul. On other devices the convolution is the fast op.
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, *, fused: bool):
+        fan_in = in_channels * patch_size ** 2
+        # LeCun normal, truncated at 2 sigma; 0.8796 undoes the variance lost to truncation (as in JAX).
+        sigma = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+        super().__init__(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, pad_mode="valid",
+                         has_bias=True, weight_init=TruncatedNormal(sigma, a=-2 * sigma, b=2 * sigma),
+                         bias_init=Zero())
+        self.fused = fused
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.patchify = _ops().patchify() if fused else None
+        self.linear = _ops().linear() if fused else None
+        self.add_bias = _ops().add_bias() if fused and self.linear is None else None
+        self.matmul = ops.MatMul(transpose_b=True)  # not ops.dense, whose backward adds Transposes
+
+    def construct(self, x):
+        if not self.fused:
+            x = self.bias_add(self.conv2d(x, self.weight), self.bias)  # (B, D, H/p, W/p), as nn.Conv2d
+            return x.flatten(start_dim=2).swapaxes(1, 2)  # -> (B, D, N) -> (B, N, D)
+        _, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(-1, c, h // p, p, w // p, p)
+        # -> (B, H/p, W/p, C, p, p); the kernel is the same permutation without Transpose's offset table.
+        x = x.transpose(0, 2, 4, 1, 3, 5) if self.patchify is None else self.patchify(x)
+        x = x.reshape(-1, c * p * p)  # -> (B N, C p p), each row one patch in the weight's (C, p, p) order
+        weight = self.weight.reshape(self.embed_dim, -1)  # (D, C p p)
+        if self.linear is not None:
+            x = self.linear(x, weight, self.bias)  # -> (B N, D)
+        else:
+            x = self.matmul(x, weight)
+            x = x + self.bias if self.add_bias is None else self.add_bias(x, self.bias)
+        return x.reshape(-1, (h // p) * (w // p), self.embed_dim)  # -> (B, N, D)
+
+
+__all__ = ["FUSED_ENV", "use_fused_kernels", "linear", "FusedLinear", "layer_norm", "FusedLayerNorm", "GELU",
+           "DropPath", "AttentionCore", "PatchProjection"]

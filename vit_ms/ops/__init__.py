@@ -1,0 +1,229 @@
+"""Fused CPU kernels for the steps of a ViT that MindSpore's CPU backend runs slowly or holds memory for.
+
+- Dense layers and the attention products on oneDNN's JIT sgemm, which ships inside the MindSpore
+  wheel (`mindspore/lib/libdnnl.so.3`) but which MindSpore's own CPU MatMul does not use. The attention
+  kernels read each head's q, k and v in place in the qkv projection's output, so no head split or
+  Transpose is needed: MindSpore's CPU Transpose keeps a 2x-the-tensor offset table for the graph's life.
+- Softmax, GELU (exact erf and tanh) and LayerNorm in one vectorised OpenMP pass each, forward and
+  backward. Eigen's float32 rational erf and Cephes' exp are each accurate to a few ulp.
+- The patch embedding's permutation, again without Transpose's table.
+
+Each factory below returns an `ops.Custom(func_type="aot")` op with its backward, or None when the
+kernel is unavailable (no compiler, or no oneDNN for the sgemm ones): the caller then uses MindSpore's
+built-in op. Sources live in `csrc/*.cc`; `builder.KernelBuilder` compiles them lazily, at the first
+factory call (never at import), into `vit_ms.files.cache_dir("kernels")`, or ahead of time with
+`python -m vit_ms.ops build`. Whether a network uses these kernels at all is decided in one place,
+`vit_ms.layers.use_fused_kernels`.
+
+Environment:
+    VIT_MS_KERNEL_ISA   auto (default: the best this CPU runs) | avx512 | avx2 | baseline. Forces the
+                        compiled variant; a variant the CPU lacks is refused with the list it has.
+    VIT_MS_FUSED_KERNELS  0 disables the fused kernels altogether (read by `vit_ms.layers`).
+    VIT_MS_HOME         the cache root (`$VIT_MS_HOME/kernels` holds the libraries).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from .builder import ISAS, KernelBuildError, KernelBuilder, cpu_isas
+
+logger = logging.getLogger(__name__)
+
+ISA_ENV = "VIT_MS_KERNEL_ISA"
+_libraries: dict = {}  # isa -> built library path, or None after a failed build (not retried)
+
+
+def selected_isa() -> str:
+    """The variant `$VIT_MS_KERNEL_ISA` asks for ("auto" or unset: the best this CPU runs)."""
+    value = (os.environ.get(ISA_ENV) or "auto").strip().lower()
+    supported = cpu_isas()
+    if value == "auto":
+        return supported[0]
+    if value not in ISAS:
+        raise ValueError(f"{ISA_ENV}={value!r} is not a kernel variant; use one of {['auto', *ISAS]}")
+    if value not in supported:
+        raise ValueError(f"{ISA_ENV}={value!r}: this CPU cannot run that variant (it runs {list(supported)}); "
+                         f"unset {ISA_ENV} to pick the best one")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def dnnl_library() -> Optional[Path]:
+    """The oneDNN library inside the MindSpore wheel (`mindspore/lib/libdnnl.so.3`), or None."""
+    import mindspore as ms
+
+    path = Path(ms.__file__).parent / "lib" / "libdnnl.so.3"
+    if not path.is_file():
+        logger.warning("%s not found: vit_ms runs Dense layers and attention on MindSpore's slower MatMul", path)
+        return None
+    return path
+
+
+def library(isa: Optional[str] = None) -> Optional[str]:
+    """The kernel library for `isa` (default `selected_isa()`), built on first use; None if it cannot be.
+
+    A failed build is logged once (with the compiler's output) and not retried in this process.
+    """
+    isa = isa or selected_isa()
+    if isa not in cpu_isas():
+        raise ValueError(f"this CPU cannot run the {isa!r} kernels (it runs {list(cpu_isas())})")
+    if isa not in _libraries:
+        try:
+            _libraries[isa] = str(KernelBuilder(isa, dnnl_library()).build())
+        except KernelBuildError as err:
+            logger.warning("could not build the vit_ms CPU kernels (%s), using MindSpore's built-in ops: %s",
+                           isa, err)
+            _libraries[isa] = None
+    return _libraries[isa]
+
+
+def build_all_for(isas) -> dict:
+    """Build the library of each variant in `isas` now (ahead of time, e.g. into a container image; a
+    variant this CPU cannot run may be built, not loaded); {isa: path}. Raises KernelBuildError with the
+    compiler's output."""
+    built = {isa: KernelBuilder(isa, dnnl_library()).build() for isa in isas}
+    _libraries.update({isa: str(path) for isa, path in built.items()})
+    return built
+
+
+def _same(x, *_):
+    return x
+
+
+def _custom(path: str, name: str, num_inputs: int, bprop=None):
+    from mindspore import ops
+    from mindspore.ops import CustomRegOp, DataType
+
+    # out_shape=None: the shape comes from the library's C++ `<name>InferShape`, which (unlike a Python
+    # function) also runs for a dynamic batch; MindSpore needs the registration to call it.
+    reg = CustomRegOp(f"vit_ms_{name}_cpu")
+    for i in range(num_inputs):
+        reg = reg.input(i, f"x{i}")
+    reg = reg.output(0, "y").dtype_format(*[DataType.None_None] * (num_inputs + 1)).target("CPU")
+    return ops.Custom(f"{path}:{name}", out_shape=None, out_dtype=_same, func_type="aot", bprop=bprop,
+                      reg_info=reg.get_op_info())
+
+
+def gelu(approximate: bool, isa: Optional[str] = None):
+    """GELU `op(x) -> y` with its backward, or None if unavailable.
+
+    Args:
+        approximate: True for the tanh form, False for the exact erf form.
+        isa: the compiled variant (default `$VIT_MS_KERNEL_ISA`).
+    """
+    path = library(isa)
+    if path is None:
+        return None
+    name = "GeluTanh" if approximate else "GeluErf"
+    grad = _custom(path, name + "Grad", 2)
+
+    def bprop(x, out, dout):
+        return (grad(x, dout),)
+
+    return _custom(path, name, 1, bprop)
+
+
+def layer_norm(isa: Optional[str] = None):
+    """LayerNorm over the last axis, `op(x, gamma, beta, eps) -> y` with `eps` a float32 tensor of shape
+    (1,), and a fused backward; None if unavailable."""
+    from mindspore import ops
+
+    path = library(isa)
+    if path is None:
+        return None
+    grad_x = _custom(path, "LayerNormGrad", 4)
+    grad_params = _custom(path, "LayerNormParamGrad", 3)
+
+    def bprop(x, gamma, beta, eps, out, dout):
+        params = grad_params(x, dout, eps)  # (2, D): d gamma, d beta
+        return grad_x(x, gamma, dout, eps), params[0], params[1], ops.zeros_like(eps)
+
+    return _custom(path, "LayerNorm", 4, bprop)
+
+
+def add_bias(isa: Optional[str] = None):
+    """`op(x, b) -> x + b` over the last axis with a fused bias gradient (column sum); None if unavailable."""
+    path = library(isa)
+    if path is None:
+        return None
+    grad_b = _custom(path, "BiasGrad", 1)
+
+    def bprop(x, b, out, dout):
+        return dout, grad_b(dout)
+
+    return _custom(path, "AddBias", 2, bprop)
+
+
+def linear(isa: Optional[str] = None):
+    """`op(x, w, b) -> x w^T + b` for 2-D x (rows, in) and w (out, in), like `nn.Dense`, on oneDNN's sgemm,
+    with its backward on the same sgemm; None where the MindSpore wheel has no oneDNN or no compiler."""
+    path = library(isa)
+    if path is None or dnnl_library() is None:
+        return None
+    grad_x = _custom(path, "LinearGradInput", 2)
+    grad_w = _custom(path, "LinearGradWeight", 2)
+    grad_b = _custom(path, "BiasGrad", 1)
+
+    def bprop(x, w, b, out, dout):
+        return grad_x(dout, w), grad_w(dout, x), grad_b(dout)
+
+    return _custom(path, "Linear", 3, bprop)
+
+
+def attention(isa: Optional[str] = None):
+    """`(scores, values)` on the qkv projection's output viewed as (B, N, 3, heads, head_dim), in place:
+    `scores(qkv, scale) -> scale q k^T` (B, heads, N, N), with `scale` a float32 tensor of shape (1,), and
+    `values(probs, qkv) -> probs v` as (B, N, heads, head_dim), the heads already merged. oneDNN's sgemm,
+    with their backward; None where the MindSpore wheel has no oneDNN or no compiler."""
+    from mindspore import ops
+
+    path = library(isa)
+    if path is None or dnnl_library() is None:
+        return None
+    scores_grad = _custom(path, "AttentionScoresGrad", 3)
+    values_grad_probs = _custom(path, "AttentionValuesGradProbs", 2)
+    values_grad_qkv = _custom(path, "AttentionValuesGradQKV", 2)
+
+    def scores_bprop(qkv, scale, out, dout):
+        return scores_grad(dout, qkv, scale), ops.zeros_like(scale)
+
+    def values_bprop(probs, qkv, out, dout):
+        return values_grad_probs(dout, qkv), values_grad_qkv(probs, dout)
+
+    return (_custom(path, "AttentionScores", 2, scores_bprop),
+            _custom(path, "AttentionValues", 2, values_bprop))
+
+
+def softmax(isa: Optional[str] = None):
+    """Softmax over the last axis, `op(x) -> y`, with a one-pass backward from y; None if unavailable."""
+    path = library(isa)
+    if path is None:
+        return None
+    grad = _custom(path, "SoftmaxGrad", 2)
+
+    def bprop(x, out, dout):
+        return (grad(out, dout),)
+
+    return _custom(path, "Softmax", 1, bprop)
+
+
+def patchify(isa: Optional[str] = None):
+    """`op(x) -> x.transpose(0, 2, 4, 1, 3, 5)` for a (B, C, H/p, p, W/p, p) float32 image view: each
+    patch's pixels in the conv weight's (C, p, p) order. None if unavailable."""
+    path = library(isa)
+    if path is None:
+        return None
+    grad = _custom(path, "Unpatchify", 1)
+
+    def bprop(x, out, dout):
+        return (grad(dout),)
+
+    return _custom(path, "Patchify", 1, bprop)
+
+
+__all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
+           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "attention", "softmax", "patchify"]

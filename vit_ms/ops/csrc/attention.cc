@@ -1,0 +1,126 @@
+// Attention products q k^T and probs v read in place from the qkv projection's output, on oneDNN's sgemm.
+#include "common.h"
+
+#ifdef VIT_MS_DNNL_PATH
+// ---- Attention products straight from the qkv projection's output, (B, N, 3, heads, head_dim): head h
+// of q, k or v in sample b is an (N, head_dim) matrix whose rows lie 3 D floats apart, which sgemm reads
+// in place (lda = 3 D). No head split, no transpose, no q/k/v copies, forward or backward. One sgemm per
+// (sample, head), those split over the OpenMP threads.
+struct Heads {
+  int64_t batch, n, heads, dim;                  // B, N, heads, head_dim
+  int64_t row() const { return 3 * heads * dim; }  // floats between token rows of qkv
+  int64_t count() const { return batch * heads; }
+  // the (N, head_dim) matrix of q (part 0), k (1) or v (2) for pair i = b * heads + h
+  int64_t at(int64_t i, int part) const { return (i / heads) * n * row() + part * heads * dim + (i % heads) * dim; }
+  int64_t square(int64_t i) const { return i * n * n; }                                  // in (B, heads, N, N)
+  int64_t out(int64_t i) const { return (i / heads) * n * heads * dim + (i % heads) * dim; }  // in (B, N, heads, head_dim)
+};
+
+static bool qkv_heads(int ndim, const int64_t *shape, Heads *h) {
+  if (ndim != 5 || shape[2] != 3) return false;
+  *h = Heads{shape[0], shape[1], shape[3], shape[4]};
+  return true;
+}
+
+// Every (sample, head) pair through `body(i)`, which returns sgemm's status.
+template <typename F>
+static int for_each_head(const Heads &h, F body) {
+  int status = dnnl_sgemm_fn() == nullptr ? 1 : 0;
+  if (status != 0) return status;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < h.count(); ++i)
+    if (body(i) != 0) status = 1;
+  return status;
+}
+
+// (qkv, scale[1]) -> scores (B, heads, N, N) = scale q k^T
+extern "C" std::vector<int64_t> AttentionScoresInferShape(int *ndims, int64_t **shapes, void *extra) {
+  const int64_t *s = shapes[0];
+  return std::vector<int64_t>{s[0], s[3], s[1], s[1]};
+}
+extern "C" int AttentionScores(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  Heads h;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[0], shapes[0], &h)) return 1;
+  const float *qkv = static_cast<const float *>(params[0]);
+  const float scale = *static_cast<const float *>(params[1]);
+  float *scores = static_cast<float *>(params[2]);
+  return for_each_head(h, [&](int64_t i) {
+    return dnnl_sgemm_fn()('N', 'T', h.n, h.n, h.dim, scale, qkv + h.at(i, 0), h.row(), qkv + h.at(i, 1), h.row(),
+                           0.0f, scores + h.square(i), h.n);
+  });
+}
+
+// (scores' gradient dS, qkv, scale[1]) -> d qkv: dq = scale dS k, dk = scale dS^T q, dv = 0
+extern "C" std::vector<int64_t> AttentionScoresGradInferShape(int *ndims, int64_t **shapes, void *extra) {
+  return std::vector<int64_t>(shapes[1], shapes[1] + ndims[1]);
+}
+extern "C" int AttentionScoresGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  Heads h;
+  if (nparam != 4 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[1], shapes[1], &h)) return 1;
+  const float *ds = static_cast<const float *>(params[0]), *qkv = static_cast<const float *>(params[1]);
+  const float scale = *static_cast<const float *>(params[2]);
+  float *dqkv = static_cast<float *>(params[3]);
+  return for_each_head(h, [&](int64_t i) {
+    for (int64_t t = 0; t < h.n; ++t) std::memset(dqkv + h.at(i, 2) + t * h.row(), 0, h.dim * sizeof(float));
+    return dnnl_sgemm_fn()('N', 'N', h.n, h.dim, h.n, scale, ds + h.square(i), h.n, qkv + h.at(i, 1), h.row(), 0.0f,
+                           dqkv + h.at(i, 0), h.row()) |
+           dnnl_sgemm_fn()('T', 'N', h.n, h.dim, h.n, scale, ds + h.square(i), h.n, qkv + h.at(i, 0), h.row(), 0.0f,
+                           dqkv + h.at(i, 1), h.row());
+  });
+}
+
+// (probs (B, heads, N, N), qkv) -> probs v, as (B, N, heads, head_dim): the heads already merged
+extern "C" std::vector<int64_t> AttentionValuesInferShape(int *ndims, int64_t **shapes, void *extra) {
+  const int64_t *s = shapes[1];
+  return std::vector<int64_t>{s[0], s[1], s[3], s[4]};
+}
+extern "C" int AttentionValues(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  Heads h;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[1], shapes[1], &h)) return 1;
+  const float *probs = static_cast<const float *>(params[0]), *qkv = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  return for_each_head(h, [&](int64_t i) {
+    return dnnl_sgemm_fn()('N', 'N', h.n, h.dim, h.n, 1.0f, probs + h.square(i), h.n, qkv + h.at(i, 2), h.row(),
+                           0.0f, out + h.out(i), h.heads * h.dim);
+  });
+}
+
+// (dO (B, N, heads, head_dim), qkv) -> d probs = dO v^T, (B, heads, N, N)
+extern "C" std::vector<int64_t> AttentionValuesGradProbsInferShape(int *ndims, int64_t **shapes, void *extra) {
+  const int64_t *s = shapes[1];
+  return std::vector<int64_t>{s[0], s[3], s[1], s[1]};
+}
+extern "C" int AttentionValuesGradProbs(int nparam, void **params, int *ndims, int64_t **shapes,
+                                        const char **dtypes, void *stream, void *extra) {
+  Heads h;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[1], shapes[1], &h)) return 1;
+  const float *dout = static_cast<const float *>(params[0]), *qkv = static_cast<const float *>(params[1]);
+  float *dprobs = static_cast<float *>(params[2]);
+  return for_each_head(h, [&](int64_t i) {
+    return dnnl_sgemm_fn()('N', 'T', h.n, h.n, h.dim, 1.0f, dout + h.out(i), h.heads * h.dim, qkv + h.at(i, 2),
+                           h.row(), 0.0f, dprobs + h.square(i), h.n);
+  });
+}
+
+// (probs, dO (B, N, heads, head_dim)) -> d qkv: dv = probs^T dO, dq = dk = 0
+extern "C" std::vector<int64_t> AttentionValuesGradQKVInferShape(int *ndims, int64_t **shapes, void *extra) {
+  const int64_t *s = shapes[1];
+  return std::vector<int64_t>{s[0], s[1], 3, s[2], s[3]};
+}
+extern "C" int AttentionValuesGradQKV(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  if (nparam != 3 || ndims[1] != 4 || !all_float32(nparam, dtypes)) return 1;
+  const Heads h{shapes[1][0], shapes[1][1], shapes[1][2], shapes[1][3]};
+  const float *probs = static_cast<const float *>(params[0]), *dout = static_cast<const float *>(params[1]);
+  float *dqkv = static_cast<float *>(params[2]);
+  return for_each_head(h, [&](int64_t i) {
+    for (int64_t t = 0; t < h.n; ++t)
+      for (int part = 0; part < 2; ++part) std::memset(dqkv + h.at(i, part) + t * h.row(), 0, h.dim * sizeof(float));
+    return dnnl_sgemm_fn()('T', 'N', h.n, h.dim, h.n, 1.0f, probs + h.square(i), h.n, dout + h.out(i),
+                           h.heads * h.dim, 0.0f, dqkv + h.at(i, 2), h.row());
+  });
+}
+#endif

@@ -1,0 +1,88 @@
+// Shared by every vit_ms CPU kernel: the MindSpore AOT calling convention's helpers, OpenMP work
+// splitting, and the float32 exp used by GELU and softmax.
+//
+// Each kernel is `extern "C" int Name(nparam, params, ndims, shapes, dtypes, stream, extra)` (MindSpore's
+// `ops.Custom(func_type="aot")` convention, inputs then outputs in `params`), returning 0 on success,
+// with a `NameInferShape` beside it. The same sources are compiled once per instruction set (baseline
+// x86-64, AVX2, AVX-512: `vit_ms/ops/builder.py`), so no function here is ISA-specific.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+
+// exp for x <= 0 (all this file needs): Cephes' range reduction and polynomial, ~1 ulp, vectorisable.
+static inline float exp_neg_f(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float e = 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f;
+  e = e * r + 8.3334519073e-3f;
+  e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f;
+  e = e * r + 5.0000001201e-1f;
+  e = e * r * r + r + 1.0f;
+  union { int32_t i; float f; } scale;
+  scale.i = (static_cast<int32_t>(n) + 127) << 23;
+  return e * scale.f;
+}
+
+static inline int64_t numel(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+static inline bool all_float32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
+
+
+static inline int64_t last_dim(int ndim, const int64_t *shape) { return ndim > 0 ? shape[ndim - 1] : 1; }
+
+// Split [0, n) into one contiguous chunk per OpenMP thread.
+#define PARALLEL_CHUNKS(n, body)                                       \
+  _Pragma("omp parallel") {                                            \
+    const int64_t threads = omp_get_num_threads();                     \
+    const int64_t chunk = ((n) + threads - 1) / threads;               \
+    const int64_t begin = omp_get_thread_num() * chunk;                \
+    const int64_t len = begin >= (n) ? 0 : ((n) - begin < chunk ? (n) - begin : chunk); \
+    if (len > 0) body;                                                 \
+  }
+
+// Output shape = input shape; MindSpore calls this in graph mode with unknown (-1) dimensions, e.g. a
+// dynamic batch, where a Python `out_shape` cannot run.
+#define SAME_SHAPE_INFER(name)                                                                  \
+  extern "C" std::vector<int64_t> name##InferShape(int *ndims, int64_t **shapes, void *extra) { \
+    return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);                               \
+  }
+
+// Rows split into one contiguous block per OpenMP thread.
+#define PARALLEL_ROWS(rows, body)                                             \
+  _Pragma("omp parallel") {                                                   \
+    const int64_t threads = omp_get_num_threads();                            \
+    const int64_t chunk = ((rows) + threads - 1) / threads;                   \
+    const int64_t r0 = omp_get_thread_num() * chunk;                          \
+    const int64_t nr = r0 >= (rows) ? 0 : ((rows) - r0 < chunk ? (rows) - r0 : chunk); \
+    body;                                                                     \
+  }
+
+// Column sums over rows, per thread then in thread order (deterministic for a fixed thread count):
+// acc[0:d] = sum_r dy * xhat (d gamma), acc[d:2d] = sum_r dy (d beta); with x null only the bias part.
+// Defined in layernorm.cc, used by the Dense bias gradient too.
+// Hidden: each ISA's library is loaded into the same process, and must call its own copy.
+#define VIT_MS_INTERNAL __attribute__((visibility("hidden")))
+VIT_MS_INTERNAL void column_sums(const float *x, const float *dy, float *out, int64_t rows, int64_t d, float eps, int64_t width);
+
+#ifdef VIT_MS_DNNL_PATH
+// oneDNN's sgemm from the MindSpore wheel's libdnnl.so.3 (dlopen'ed once; null if missing). dense.cc.
+typedef int (*sgemm_fn)(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                        int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+VIT_MS_INTERNAL sgemm_fn dnnl_sgemm_fn();
+#endif
