@@ -37,7 +37,6 @@ def pytest_configure(config):
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING chatter off; errors still show
     # Compiled CPU kernels and downloaded weights go to a per-session folder, not the user's ~/.cache
     # (subprocesses started by the CLI tests inherit these too).
-    os.environ["VIT_MS_KERNEL_CACHE"] = os.path.join(_CACHE, "kernels")
     os.environ["VIT_MS_HOME"] = os.path.join(_CACHE, "home")
 
 

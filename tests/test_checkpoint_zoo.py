@@ -19,6 +19,7 @@ import timm
 
 from checkpoint_helpers import TINY, _pynative, images, logits, numpy_params, random_net  # noqa: F401
 from vit_ms import resolve_pretrained
+import vit_ms
 from vit_ms.checkpoint import ZOO, Weights, create_pretrained, default_cache_dir, download_weights
 from vit_ms.config import PRESETS
 
@@ -136,6 +137,14 @@ def test_create_pretrained_downloads_and_loads_an_entry(tmp_path, http_root, mon
     assert loaded.config == TINY  # the entry's image size and timm's numerics
     np.testing.assert_array_equal(logits(loaded, images(TINY)), logits(net, images(TINY)))
     assert entry.preprocess().crop_pct == 0.875  # not published for this entry: the documented default
+
+    # The public spelling, from the one cache root: vit_ms.create_model(name, pretrained=NAME).
+    monkeypatch.setenv("VIT_MS_HOME", str(tmp_path / "home"))
+    again = vit_ms.create_model("tiny_test", pretrained="tiny_test")
+    assert (tmp_path / "home" / "weights" / "tiny-timm.safetensors").is_file()
+    np.testing.assert_array_equal(logits(again, images(TINY)), logits(net, images(TINY)))
+    with pytest.raises(ValueError, match="are a tiny_test, not 'vit_b_16'"):
+        vit_ms.create_model("vit_b_16", pretrained="tiny_test")
 
 
 def test_default_cache_is_the_weights_folder_of_the_one_cache_root(tmp_path, monkeypatch):

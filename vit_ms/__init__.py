@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "config": ["ViTConfig", "PRESETS", "Preprocess", "get_config", "count_parameters"],
-    "model": ["ViT", "create_model", "set_dynamic_batch"],
+    "model": ["ViT", "set_dynamic_batch"],
+    "factory": ["create_model"],
     "checkpoint": ["load_weights", "resolve_pretrained"],
     "data": ["create_dataset", "ensure_sample_dataset", "load_image", "preprocess_image"],
 }

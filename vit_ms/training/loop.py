@@ -19,7 +19,8 @@ from mindspore.train.metrics import TopKCategoricalAccuracy
 from .. import checkpoint as ckpt
 from .. import data
 from ..config import Preprocess, ViTConfig, get_config
-from ..model import ViT
+from ..layers import use_fused_kernels
+from ..model import ViT, set_dynamic_batch
 from . import rundir
 from .callbacks import (EpochRecorder, LossGuard, ProgressBar, RunState, StopOnSignal, TrainingDiverged,
                         TrainingInterrupted)
@@ -162,8 +163,8 @@ def _build_data(cfg: TrainConfig, root: Path, rank: int, group_size: int) -> _Da
 def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path]) -> _Trainer:
     """The network (with pretrained weights), loss, schedule, optimizer and `Model` with its eval network."""
     amp_level = amp_level_for(cfg)
-    # The model's fast path (fused CPU kernels) is float32 CPU code; other devices and AMP use plain ops.
-    net = ViT(batches.config, fast=cfg.device_target == "CPU" and amp_level == "O0")
+    # The one fused-kernel policy, told what only training knows: the device and the AMP level to come.
+    net = ViT(batches.config, fast=use_fused_kernels(device_target=cfg.device_target, amp_level=amp_level))
     if pretrained is not None:
         report = ckpt.load_weights(net, pretrained)
         logger.info("initial weights: %s", report.summary())
@@ -174,9 +175,7 @@ def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path])
     # (as `set_dynamic_batch` declares for a bare net; this cell also takes the labels). Training uses
     # drop_remainder, so its graph keeps a static shape (and sinks on Ascend).
     eval_net = nn.WithEvalCell(net, loss_fn, add_cast_fp32=amp_level in ("O2", "O3"))
-    eval_net.set_inputs(ms.Tensor(shape=[None, batches.config.in_channels, batches.config.image_size,
-                                         batches.config.image_size], dtype=ms.float32),
-                        ms.Tensor(shape=[None], dtype=ms.int32))
+    set_dynamic_batch(eval_net, batches.config, labels=True)
     amp_kwargs = {}
     if amp_level != "O0" and cfg.device_target == "CPU":
         amp_kwargs["loss_scale_manager"] = None  # CPU has no dynamic loss scaling (overflow checks)
