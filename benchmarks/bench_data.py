@@ -33,7 +33,7 @@ import mindspore as ms  # noqa: E402
 import mindspore.dataset as ds  # noqa: E402
 
 from vit_ms.config import Preprocess  # noqa: E402
-from vit_ms.data import _check_all, create_dataset, eval_transforms, list_images  # noqa: E402
+from vit_ms.data import check_images, create_dataset, eval_transforms, list_images  # noqa: E402
 
 
 def make_jpegs(folder: Path, count: int, classes: int = 4, seed: int = 0) -> None:
@@ -101,11 +101,11 @@ def main(argv=None) -> int:
 
         for workers in args.workers:
             start = time.perf_counter()
-            _check_all(paths, workers)
+            check_images(paths, "full", workers)
             add("file check (Pillow, before epoch 1)", workers, time.perf_counter() - start)
             for name, training in (("vit_ms train", True), ("vit_ms eval", False)):
                 best = min(time_pass(create_dataset(root, "train", preprocess, args.batch_size, training=training,
-                                                    num_workers=workers, check=False)[0])
+                                                    num_workers=workers, check="none")[0])
                            for _ in range(args.repeats))
                 add(name, workers, best)
             folder = ds.ImageFolderDataset(str(root / "train"), shuffle=False, num_parallel_workers=workers)

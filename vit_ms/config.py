@@ -149,8 +149,9 @@ class Preprocess:
             raise ValueError(f"Preprocess.image_size must be positive, got {self.image_size!r}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"Preprocess.crop_pct must be in (0, 1], got {self.crop_pct!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("Preprocess.mean and Preprocess.std need three values, std positive")
+        if not len(self.mean) == len(self.std) >= 1 or min(self.std) <= 0:
+            raise ValueError("Preprocess.mean and Preprocess.std need one value per channel (as many means as "
+                             "stds), std positive")
 
     @property
     def resize_size(self) -> int:
