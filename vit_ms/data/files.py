@@ -5,8 +5,8 @@ One predicate decides what an image file is (`is_image_file`: a visible file who
 the pipelines, at one of three depths (`CHECK_MODES`):
 
 - "full": Pillow sniffs the format from the bytes and decodes the whole file (JPEG at 1/8 scale, which still
-  reads every entropy-coded byte), so a truncated download or a GIF named .jpg is caught. Measured to be at
-  least as strict as MindSpore's decoder.
+  reads every entropy-coded byte; PNG after checking every chunk's CRC up to IEND), so a truncated download
+  or a GIF named .jpg is caught. Measured to be at least as strict as MindSpore's decoder.
 - "header": Pillow reads the header and runs `Image.verify()` (PNG: every chunk's CRC, so a truncated PNG is
   caught; JPEG: the markers only, so a truncated JPEG passes and fails later in MindSpore's decoder).
 - "none": nothing is opened.
@@ -129,10 +129,15 @@ def check_image(path, mode: str = "full") -> Optional[str]:
                 too_big = bomb_reason(image.width, image.height)
                 if too_big:
                     return too_big
-                if mode == "header":
-                    image.verify()
-                else:
+                if mode == "full" and image.format != "PNG":
                     image.draft("RGB", (1, 1))
+                    image.load()
+                    return None
+                # PNG: verify() reads every chunk's CRC up to IEND. Pillow's load() accepts a PNG cut after
+                # its pixel data, which MindSpore's decoder (libpng) rejects ("input buffer is incomplete").
+                image.verify()
+            if mode == "full":  # verify() leaves the image unusable: decode from a fresh open
+                with Image.open(path) as image:
                     image.load()
     except Image.DecompressionBombError as error:  # Pillow refuses in open(), before our size test
         return f"decompression bomb refused by Pillow: {error}"

@@ -249,7 +249,7 @@ class _EncodedImages:
                 with Image.open(io.BytesIO(encoded.tobytes())) as image:
                     reason = bomb_reason(image.width, image.height)
         except Image.DecompressionBombError as error:
-            reason = str(error)
+            reason = f"decompression bomb refused by Pillow: {error}"
         except Exception:  # not ours to judge with check="none": the decoder reports it
             return
         if reason:
