@@ -7,7 +7,9 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +165,22 @@ def test_two_rank_processes_check_each_file_once_and_agree(tmp_path):
     assert [r["checked"] for r in results] == [owners.count(0), owners.count(1)]  # 9 files, each once
     assert results[0]["skipped"] == results[1]["skipped"] and len(results[0]["skipped"]) == 3
     assert sorted(p.name for p in (tmp_path / "data" / ".vit_ms-check").iterdir()) == ["train.json"]
+
+
+def test_a_rank_starting_late_still_hands_over_its_results(tmp_path, monkeypatch):
+    """Rank 1 starts after rank 0 wrote its part: rank 1 then needs nothing more, but rank 0 waits for it."""
+    _make_split(tmp_path)
+    monkeypatch.setenv("VIT_MS_CHECK_TIMEOUT", "120")  # a regression fails in 2 minutes instead of hanging
+    part = tmp_path / ".vit_ms-check" / "train.part-0-of-2.json"
+    with ThreadPoolExecutor(1) as pool:
+        early = pool.submit(data.create_dataset, tmp_path, "train", RAW, 1, num_shards=2, shard_id=0, num_workers=1)
+        while not part.exists():
+            assert not early.done(), early.exception()
+            time.sleep(0.02)
+        _, late = data.create_dataset(tmp_path, "train", RAW, 1, num_shards=2, shard_id=1, num_workers=1)
+        _, first = early.result(timeout=180)
+    assert first.checked + late.checked == 9 and first.skipped == late.skipped
+    assert sorted(p.name for p in part.parent.iterdir()) == ["train.json"]  # rank 0 merged and tidied up
 
 
 def test_a_missing_rank_ends_the_wait_with_a_clear_error(tmp_path, monkeypatch):

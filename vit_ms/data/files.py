@@ -68,20 +68,25 @@ def default_data_root() -> Path:
 
 def is_image_file(path) -> bool:
     """True for a visible file whose extension (any case) is in `IMAGE_EXTENSIONS`."""
-    path = Path(path)
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    name = os.path.basename(os.fspath(path))
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_image_paths(folder) -> List[str]:
+    """`list_images` as plain strings: pathlib costs seconds per 100,000 files, strings milliseconds."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise DatasetError(f"image folder {folder} does not exist")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if is_image_file(f)]
+    return sorted(found, key=lambda p: p.split(os.sep))  # Path order: part by part
 
 
 def list_images(folder) -> List[Path]:
     """Sorted image files under `folder` (recursive, hidden folders skipped), e.g. an infer/ split."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"image folder {folder} does not exist")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames if is_image_file(f)]
-    return sorted(found)
+    return [Path(p) for p in list_image_paths(folder)]
 
 
 def check_mode(check) -> str:
@@ -180,5 +185,5 @@ def verify_images(root, num_workers: Optional[int] = None, mode: str = "full") -
 
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "CHECK_MODES", "DATA_ENV", "DatasetError",
-           "UnreadableImageError", "default_data_root", "is_image_file", "list_images", "check_mode",
+           "UnreadableImageError", "default_data_root", "is_image_file", "list_images", "list_image_paths", "check_mode",
            "check_image", "check_images", "verify_images"]

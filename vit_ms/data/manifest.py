@@ -145,16 +145,16 @@ def check_split(split_dir, paths: Sequence[Path], mode: str = "full", num_worker
     mine = [i for i in todo if owner(relative[i], shards) == rank]
 
     start = time.monotonic()
-    reasons = check_images([paths[i] for i in mine], mode, num_workers)
+    reasons = check_images([Path(paths[i]) for i in mine], mode, num_workers)
     fresh = {relative[i]: [stats[i][0], stats[i][1], depth, reason] for i, reason in zip(mine, reasons)}
     elapsed = time.monotonic() - start
     if todo:
         logger.info("%s: %s-checked %d of %d files in %.1f s (%d cached in %s)", split_dir, mode, len(mine),
                     len(paths), elapsed, len(paths) - len(todo), manifest)
     known.update(fresh)
+    if shards > 1 and fresh:  # even when this rank needs nothing more: the others wait for these results
+        _write_or_fail(_part_path(manifest, rank, shards), fresh)
     if shards > 1 and len(mine) < len(todo):
-        if fresh:
-            _write_or_fail(_part_path(manifest, rank, shards), fresh)
         others = [i for i in todo if owner(relative[i], shards) != rank]
         known = _wait_for_ranks(manifest, known, others, relative, stats, depth,
                                 rank, shards, timeout if timeout is not None else _default_timeout(elapsed))

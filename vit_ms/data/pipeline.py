@@ -40,7 +40,7 @@ import mindspore.dataset.vision as vision
 
 from ..config import Preprocess
 from .files import (IMAGE_EXTENSIONS, DatasetError, UnreadableImageError, bomb_reason, check_image, check_mode,
-                    is_image_file, list_images, worker_count)
+                    is_image_file, list_image_paths, worker_count)
 from .manifest import check_split
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,14 @@ def scan_split(root, split: str, classes: Optional[Sequence[str]] = None
     Raises:
         DatasetError: missing folders, no classes, an empty class folder, or a different class set.
     """
+    paths, labels, names = scan_split_paths(root, split, classes)
+    return [(Path(p), label) for p, label in zip(paths, labels)], names
+
+
+def scan_split_paths(root, split: str, classes: Optional[Sequence[str]] = None
+                     ) -> Tuple[List[str], List[int], List[str]]:
+    """`scan_split` as (paths as strings, labels, class names): what create_dataset keeps (pathlib would cost
+    seconds per 100,000 files)."""
     found = class_names(root, split)
     split_dir = Path(root).expanduser() / split
     if classes is not None:
@@ -214,14 +222,15 @@ def scan_split(root, split: str, classes: Optional[Sequence[str]] = None
                                f"class folders as the training split")
     else:
         names = found
-    samples = []
+    paths, labels = [], []
     for label, name in enumerate(names):
-        files = list_images(split_dir / name)
+        files = list_image_paths(split_dir / name)
         if not files:
             raise DatasetError(f"class folder {split_dir / name} has no image files ({', '.join(IMAGE_EXTENSIONS)}"
                                f", any case); add images or remove the folder")
-        samples += [(path, label) for path in files]
-    return samples, names
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels, names
 
 
 class _EncodedImages:
@@ -231,9 +240,9 @@ class _EncodedImages:
     decompression bomb stops the epoch with a message instead of a multi-GB allocation.
     """
 
-    def __init__(self, samples: Sequence[Tuple[Path, int]], guard: bool = False):
-        self.paths = [str(p) for p, _ in samples]
-        self.labels = np.array([label for _, label in samples], dtype=np.int32)
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], guard: bool = False):
+        self.paths = list(paths)
+        self.labels = np.array(labels, dtype=np.int32)
         self.guard = guard
 
     def __getitem__(self, index):
@@ -315,37 +324,37 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
     drop_remainder = training if drop_remainder is None else drop_remainder
     workers = worker_count(num_workers)
 
-    samples, names = scan_split(root, split, class_names)
+    paths, labels, names = scan_split_paths(root, split, class_names)
     rank, ranks = check_group if check_group is not None else (shard_id, num_shards)
-    reasons, checked = check_split(Path(root).expanduser() / split, [p for p, _ in samples], mode, workers,
-                                   ranks, rank)
-    skipped = [(p, r) for (p, _), r in zip(samples, reasons) if r]
+    reasons, checked = check_split(Path(root).expanduser() / split, paths, mode, workers, ranks, rank)
+    skipped = [(Path(p), r) for p, r in zip(paths, reasons) if r]
     if skipped:
-        samples = [s for s, r in zip(samples, reasons) if not r]
+        keep = [i for i, r in enumerate(reasons) if not r]
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         shown = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
         logger.warning("%s/%s: skipping %d unreadable image file(s) of %d (%s%s); list them all with "
                        "`python -m vit_ms.data verify %s`", root, split, len(skipped),
-                       len(samples) + len(skipped), shown, "; ..." if len(skipped) > 5 else "", root)
-    if not samples:
+                       len(paths) + len(skipped), shown, "; ..." if len(skipped) > 5 else "", root)
+    if not paths:
         raise DatasetError(f"{Path(root) / split} has no readable images ({len(skipped)} unreadable); run "
                            f"`python -m vit_ms.data verify {root}` to see why")
-    if num_shards is not None and len(samples) < num_shards:
-        raise DatasetError(f"{Path(root) / split} has {len(samples)} images, fewer than {num_shards} shards")
+    if num_shards is not None and len(paths) < num_shards:
+        raise DatasetError(f"{Path(root) / split} has {len(paths)} images, fewer than {num_shards} shards")
 
     # One thread: the source only reads bytes and the C++ map below does the real work. Two source
     # threads fight over the GIL with the map's workers: 3-10x slower epochs with 2 map workers
     # (measured with benchmarks/bench_data.py on 2 cores).
-    dataset = ds.GeneratorDataset(_EncodedImages(samples, guard=mode == "none"), column_names=["image", "label"],
+    dataset = ds.GeneratorDataset(_EncodedImages(paths, labels, guard=mode == "none"), column_names=["image", "label"],
                                   shuffle=shuffle, num_shards=num_shards, shard_id=shard_id,
                                   num_parallel_workers=1, python_multiprocessing=False)
     transforms = (train_transforms(preprocess, crop_scale, crop_ratio) if training
                   else eval_transforms(preprocess))
     dataset = dataset.map(transforms, input_columns="image", num_parallel_workers=workers)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    info = DatasetInfo(root=Path(root), split=split, class_names=tuple(names), num_images=len(samples),
-                       skipped=tuple((Path(p), r) for p, r in skipped), checked=checked)
+    info = DatasetInfo(root=Path(root), split=split, class_names=tuple(names), num_images=len(paths),
+                       skipped=tuple(skipped), checked=checked)
     return dataset, info
 
 
 __all__ = ["DatasetInfo", "to_rgb", "load_image", "channels", "eval_transforms", "train_transforms",
-           "preprocess_image", "class_names", "scan_split", "create_dataset"]
+           "preprocess_image", "class_names", "scan_split", "scan_split_paths", "create_dataset"]
