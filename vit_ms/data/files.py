@@ -68,8 +68,10 @@ def default_data_root() -> Path:
 
 def is_image_file(path) -> bool:
     """True for a visible file whose extension (any case) is in `IMAGE_EXTENSIONS`."""
-    name = os.path.basename(os.fspath(path))
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    name = os.fspath(path)
+    name = name[name.rfind(os.sep) + 1:]  # string slicing: called once per file of a 1.28 M-file scan
+    dot = name.rfind(".")
+    return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def list_image_paths(folder) -> List[str]:
@@ -77,11 +79,13 @@ def list_image_paths(folder) -> List[str]:
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise DatasetError(f"image folder {folder} does not exist")
-    found = []
+    found, nested = [], False
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [os.path.join(dirpath, f) for f in filenames if is_image_file(f)]
-    return sorted(found, key=lambda p: p.split(os.sep))  # Path order: part by part
+        nested = nested or bool(dirnames)
+        found += [f"{dirpath}{os.sep}{f}" for f in filenames if is_image_file(f)]
+    # Path order (part by part); one flat folder, the usual class folder, is plain name order.
+    return sorted(found, key=lambda p: p.split(os.sep)) if nested else sorted(found)
 
 
 def list_images(folder) -> List[Path]:
@@ -185,5 +189,5 @@ def verify_images(root, num_workers: Optional[int] = None, mode: str = "full") -
 
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "CHECK_MODES", "DATA_ENV", "DatasetError",
-           "UnreadableImageError", "default_data_root", "is_image_file", "list_images", "list_image_paths", "check_mode",
-           "check_image", "check_images", "verify_images"]
+           "UnreadableImageError", "default_data_root", "is_image_file", "list_images", "list_image_paths",
+           "check_mode", "check_image", "check_images", "verify_images"]
