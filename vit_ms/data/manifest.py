@@ -136,8 +136,11 @@ def check_split(split_dir, paths: Sequence[Path], mode: str = "full", num_worker
     relative = [str(p)[len(base):] if str(p).startswith(base) else _relative(p, split_dir) for p in paths]
     stats = []
     for p in paths:
-        st = os.stat(p)
-        stats.append((st.st_size, st.st_mtime_ns))
+        try:
+            st = os.stat(p)
+            stats.append((st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:  # deleted since the scan: matches no entry, and its check says why
+            stats.append((-1, -1))
     manifest = manifest_path(split_dir)
     known = read_known(manifest)
     stale = len(known) > len(paths)  # entries of files since deleted (or of the parts): rewrite
