@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -190,13 +191,16 @@ def test_shards_are_disjoint_and_cover_the_split(tmp_path):
         folder = tmp_path / "train" / ("a" if i < 5 else "b")
         folder.mkdir(parents=True, exist_ok=True)
         _flat(colour).save(folder / f"{i}.png")
+    # The two ranks run concurrently, as under msrun: each checks its own files and waits for the other's.
+    with ThreadPoolExecutor(2) as pool:
+        built = list(pool.map(lambda shard: data.create_dataset(tmp_path, "train", RAW, 1, training=False,
+                                                                num_shards=2, shard_id=shard, num_workers=1),
+                              range(2)))
+    assert sum(info.checked for _, info in built) == 10, "every file checked exactly once"
     seen = []
-    for shard in range(2):
-        images, _ = _collect(data.create_dataset(tmp_path, "train", RAW, 1, training=False, num_shards=2,
-                                                 shard_id=shard, num_workers=1)[0])
+    for dataset, _ in built:
+        images, _ = _collect(dataset)
         seen.append({tuple(im[:, 0, 0].round().astype(int)) for im in images})
-    assert seen[0].isdisjoint(seen[1])
-    assert seen[0] | seen[1] == {tuple(c) for c in colours}
     with pytest.raises(ValueError, match="both num_shards and shard_id"):
         data.create_dataset(tmp_path, "train", RAW, 1, num_shards=2)
 
@@ -219,10 +223,6 @@ def test_sample_dataset_is_deterministic_and_complete(tmp_path, monkeypatch):
     mtime = (first / "SAMPLE_VERSION").stat().st_mtime_ns
     assert data.ensure_sample_dataset(first) == first  # reused, not regenerated
     assert (first / "SAMPLE_VERSION").stat().st_mtime_ns == mtime
-    monkeypatch.setenv("VIT_MS_DATA", str(tmp_path / "env"))
-    assert data.default_data_root() == tmp_path / "env"
-    monkeypatch.delenv("VIT_MS_DATA")
-    assert data.default_data_root() == REPO / "datasets"
     # Classes differ by shape and texture, not colour: the mean colour alone barely beats chance (0.2).
     def mean_colours(split):
         pairs = [(np.asarray(Image.open(p), np.float64).mean((0, 1)), label)
@@ -233,6 +233,18 @@ def test_sample_dataset_is_deterministic_and_complete(tmp_path, monkeypatch):
     centroids = np.stack([train_x[train_y == k].mean(0) for k in range(len(data.SAMPLE_CLASSES))])
     nearest = ((val_x[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     assert (nearest == val_y).mean() < 0.45
+
+
+def test_default_data_root_is_env_then_local_datasets_then_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_MS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VIT_MS_DATA", str(tmp_path / "env"))
+    monkeypatch.chdir(tmp_path)
+    assert data.default_data_root() == tmp_path / "env"
+    monkeypatch.delenv("VIT_MS_DATA")
+    assert data.default_data_root() == tmp_path / "home" / "datasets"  # no ./datasets here: the cache
+    (tmp_path / "datasets").mkdir()
+    assert data.default_data_root() == tmp_path / "datasets"  # run from a checkout: its data folder
+    assert not (tmp_path / "home").exists()  # nothing created
 
 
 # ---------------------------------------------------------------------------------------------------------

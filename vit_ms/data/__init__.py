@@ -1,0 +1,49 @@
+"""Data for vit_ms: image files and their check, the input pipelines, the sample set and the tutorial download.
+
+Modules, one concept each:
+
+- `files`: what an image file is (`is_image_file`, `IMAGE_EXTENSIONS`), the data root, listing, and the
+  per-file check (`check_image`: "full", "header" or "none"; decompression bombs refused).
+- `manifest`: the check at scale, cached per file (path, size, mtime) and shared out between msrun ranks.
+- `pipeline`: `create_dataset` -> (dataset, `DatasetInfo`) for train and eval, the transforms, and
+  `load_image` / `preprocess_image` for single images; one decoding convention for all of them.
+- `sample`: the embedded offline sample set; `download`: the tutorial's ImageNet subset.
+- `__main__`: `python -m vit_ms.data {verify,sample,download}`.
+
+Every public name is importable from `vit_ms.data`. Names load on first use, so `python -m vit_ms.data
+verify` and the check do not import MindSpore.
+"""
+import importlib
+
+_EXPORTS = {
+    "files": ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "CHECK_MODES", "DATA_ENV", "DatasetError",
+              "UnreadableImageError", "default_data_root", "is_image_file", "list_images", "list_image_paths",
+              "check_image", "check_images", "verify_images"],
+    "manifest": ["check_split", "manifest_path"],
+    "pipeline": ["DatasetInfo", "load_image", "preprocess_image", "eval_transforms", "train_transforms",
+                 "class_names", "scan_split", "scan_split_paths", "create_dataset"],
+    "sample": ["SAMPLE_CLASSES", "SAMPLE_VERSION", "ensure_sample_dataset"],
+    "download": ["TUTORIAL_URL", "download_tutorial_dataset"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF) + ["main"]
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'vit_ms.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+def main(argv=None) -> int:
+    """`python -m vit_ms.data` as a function (see `vit_ms.data.__main__`)."""
+    from .__main__ import main as run  # not imported above: `python -m` would then warn about a re-import
+
+    return run(argv)
