@@ -151,13 +151,15 @@ def _build_data(cfg: TrainConfig, root: Path, rank: int, group_size: int) -> _Da
     train_ds, train_info = data.create_dataset(root, "train", preprocess, cfg.batch_size, training=cfg.augment,
                                                shuffle=True, drop_remainder=True,
                                                crop_scale=(cfg.crop_min_scale, 1.0), **shard, **common)
-    val_ds, val_info = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False, **common)
+    # Every rank evaluates all of val, but each file is checked by one rank only.
+    group = dict(check_group=(rank, group_size)) if cfg.distributed else {}
+    val_ds, val_info = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False, **group,
+                                           **common)
     steps_per_epoch = train_ds.get_dataset_size()
     if steps_per_epoch == 0:
         raise data.DatasetError(f"{root / 'train'} has fewer images per device than one batch of "
                                 f"{cfg.batch_size}; lower --batch_size")
-    return _Data(classes, config, preprocess, train_ds, val_ds, steps_per_epoch,
-                 val_info.num_images - len(val_info.skipped))
+    return _Data(classes, config, preprocess, train_ds, val_ds, steps_per_epoch, val_info.num_images)
 
 
 def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path]) -> _Trainer:
