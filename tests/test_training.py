@@ -260,7 +260,8 @@ def test_followups_evaluate_infer_and_export_in_process(tiny_run, tmp_path, monk
     evaluation = json.loads((out / "eval" / "metrics.json").read_text())
     assert evaluation["top_1"] == 1.0 and evaluation["num_images"] == 12
     predictions = json.loads((out / "infer" / "predictions.json").read_text())["predictions"]
-    assert [(p["path"], p["classes"][0]) for p in predictions] == [(str(infer / "green.png"), "class_1")]
+    assert [(p["path"], p["top_k"][0]["name"]) for p in predictions] == [(str(infer / "green.png"), "class_1")]
+    assert (out / "infer" / "predictions.csv").is_file() and (out / "infer" / "green_pred.png").is_file()
     assert (out / "vit.mindir").stat().st_size > 0 and (out / "vit.mindir.json").is_file()
 
 

@@ -46,10 +46,18 @@ def _figure(width: float, height: float):
 
 def save_figure(figure, out_path) -> Path:
     """Write `figure` to `out_path` atomically; the format follows the suffix (.png, .jpg, ...)."""
+    from PIL import Image
+
     out_path = Path(out_path)
+    # Rendered once and written by Pillow as RGB: matplotlib's PNGs carry an alpha channel nobody needs.
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3]
     with atomic_path(out_path, suffix=out_path.suffix or ".png") as tmp:
-        figure.savefig(tmp, dpi=DPI)
+        Image.fromarray(pixels).save(tmp, format=_PIL_FORMATS.get(out_path.suffix.lower(), "PNG"), quality=90)
     return out_path
+
+
+_PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
 # ---------------------------------------------------------------------------------------------------------
