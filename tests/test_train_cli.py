@@ -359,7 +359,7 @@ def test_tutorial_offline_stops_at_each_download_naming_the_file(tmp_path, monke
     monkeypatch.setenv("VIT_MS_PRETRAINED_URL", closed)
     assert _train_script().main(args) == 1
     err = capsys.readouterr().err
-    assert f"put it at {tmp_path / 'cache' / 'vit_b_16_224.ckpt'}" in err, err
+    assert f"put it at {tmp_path / 'cache' / 'weights' / 'vit_b_16_224.ckpt'}" in err, err
     assert not (tmp_path / "run").exists()
 
 

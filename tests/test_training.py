@@ -175,6 +175,23 @@ def test_param_groups_exempt_norms_biases_and_embeddings():
     assert len(decay_names) + len(no_decay_names) == len(order["order_params"]) == len(net.trainable_params())
 
 
+def test_a_zoo_name_in_pretrained_brings_its_architecture_and_preprocessing():
+    from vit_ms.training.loop import _model_config
+
+    # --model says Ti, the weights are an S/16: the weights' architecture wins; the image size is the run's.
+    cfg = get_train_config("finetune", pretrained="augreg_vit_s_16_224", model="vit_ti_16", image_size=160)
+    config, preprocess = _model_config(cfg, 5)
+    # ViT-S/16 (DeiT's table): width 384, depth 12, 6 heads, MLP 1536; AugReg's JAX numerics (eps 1e-6).
+    assert (config.embed_dim, config.depth, config.num_heads, config.mlp_dim) == (384, 12, 6, 1536)
+    assert (config.num_classes, config.image_size, config.drop_path_rate) == (5, 160, 0.1)
+    # timm's augreg_in21k_ft_in1k preprocessing: mean = std = 0.5, bicubic.
+    assert (preprocess.mean, preprocess.std, preprocess.interpolation, preprocess.image_size) == (
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 160)
+    # A file keeps --model and the preset's own preprocessing (ImageNet mean/std).
+    config, preprocess = _model_config(dataclasses.replace(cfg, pretrained="weights.npz"), 5)
+    assert config.embed_dim == 192 and preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
 def test_smoothed_cross_entropy_against_numpy(rng):
     logits = rng.normal(size=(5, 4)).astype(np.float32)
     labels = np.array([0, 3, 1, 1, 2], np.int32)

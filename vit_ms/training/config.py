@@ -25,7 +25,8 @@ DATA_CHECKS = ("full", "header", "none")
 AUTO_AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")  # vit_ms.data.augment's
 # Recipes that start from pretrained weights and cannot run without them.
 NEEDS_PRETRAINED = ("finetune", "linear_probe")
-# Fields that do not change any compiled graph: left out of the graph-cache key (vit_ms.graph_cache).
+# Fields that do not change any compiled graph: left out of the graph-cache key (vit_ms.graph_cache). The
+# lr table's length, which epochs sets, is a graph shape: the loop adds it to the key.
 NOT_GRAPH_FIELDS = ("recipe", "dataset", "data_path", "data_check", "num_workers", "pretrained", "epochs", "seed",
                     "output_dir", "resume", "overwrite", "progress_bar", "followups", "lr", "min_lr",
                     "warmup_epochs")

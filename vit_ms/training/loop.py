@@ -124,8 +124,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
         cfg = _fit_batch_size(cfg, inputs.root, group_size)
         batches = _build_data(cfg, inputs.root, rank, group_size)
         # Before the first graph compiles: a second run with the same graph-shaping settings loads them.
+        # The lr tables are graph parameters whose length (every optimizer step of the run) is a shape.
         graph_cache.enable("train", dict(graph_settings(cfg), model_config=batches.config.to_dict(), rank=rank,
-                                         group_size=group_size))
+                                         group_size=group_size, lr_steps=cfg.epochs * batches.optimizer_steps))
         trainer = _build_trainer(cfg, batches, inputs.pretrained, writer)
         if writer:
             _open_run_folder(cfg, inputs.out, logs)
