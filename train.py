@@ -2,6 +2,8 @@
 
     python train.py                                   # tiny ViT, embedded sample set, offline, CPU
     python train.py --recipe tutorial --device_target Ascend     # the MindSpore tutorial end to end
+    python train.py --recipe finetune --data_path my_photos --pretrained augreg_vit_ti_16_224
+    python train.py --recipe linear_probe --data_path my_photos --pretrained weights.safetensors
     python train.py --resume --output_dir outputs/train          # continue from last.ckpt
     python train.py --overwrite                       # replace the run in outputs/train
     msrun --worker_num=8 --local_worker_num=8 --master_port=8118 --log_dir=msrun_log \\
@@ -29,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                             argument_default=argparse.SUPPRESS)
     add = parser.add_argument
     add("--recipe", help="named settings to start from: 'scratch' (default: a small ViT from scratch on the "
-                         "sample set) or 'tutorial' (the MindSpore tutorial's fine-tuning, then eval/infer/export)")
+                         "sample set), 'tutorial' (the MindSpore tutorial's fine-tuning, then eval/infer/export), "
+                         "'finetune' (a --pretrained ViT on your --data_path, the DeiT/MAE recipe) or "
+                         "'linear_probe' (a --pretrained ViT frozen, only a new head trained)")
     add("--config", dest="config_file", metavar="JSON",
         help="a JSON object of TrainConfig fields applied over the recipe (unknown keys are an error)")
     add("--dry_run", action="store_true", help="print the resolved settings (every TrainConfig field) as JSON and exit")
@@ -46,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--augment", action=BOOL, help="random-resized-crop + flip on train images")
     group.add_argument("--crop_min_scale", type=float, help="smallest area fraction of the random training crop")
     group.add_argument("--num_workers", type=int, help="parallel decode workers per pipeline")
+    group.add_argument("--auto_augment", choices=["none", "randaugment", "trivialaugment", "autoaugment"],
+                       help="per-image augmentation policy (MindSpore's vision.RandAugment, TrivialAugmentWide, "
+                            "AutoAugment with the ImageNet policy)")
+    group.add_argument("--ra_num_ops", type=int, help="RandAugment: ops per image (timm's n)")
+    group.add_argument("--ra_magnitude", type=int, help="RandAugment: strength 0..10 (timm's m)")
+    group.add_argument("--color_jitter", type=float, metavar="S",
+                       help="brightness/contrast/saturation factors in [1 - S, 1 + S]; 0: off")
+    group.add_argument("--random_erasing", type=float, metavar="P", help="probability of erasing a random box; 0: off")
+    group.add_argument("--mixup", type=float, metavar="ALPHA", help="batch Mixup, Beta(ALPHA, ALPHA); 0: off")
+    group.add_argument("--cutmix", type=float, metavar="ALPHA", help="batch CutMix, Beta(ALPHA, ALPHA); 0: off")
+    group.add_argument("--mixup_prob", type=float, help="probability that a batch is mixed")
+    group.add_argument("--mixup_switch_prob", type=float, help="probability of CutMix instead of Mixup when both are on")
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="a preset of vit_ms.PRESETS, e.g. vit_b_16 or tutorial (drops the "
@@ -55,14 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a ViTConfig field replacing the preset's, e.g. depth=6 (repeatable)")
     group.add_argument("--drop_path_rate", type=float, help="stochastic depth at the last block")
     group.add_argument("--pretrained", help="initial weights: a checkpoint file (ours, the tutorial's, timm, "
-                                            "torchvision, JAX) or a name such as vit_b_16_224 (downloaded)")
+                                            "torchvision, JAX) or a vit_ms.checkpoint.ZOO name such as "
+                                            "augreg_vit_ti_16_224 (downloaded; brings its architecture and "
+                                            "preprocessing)")
+    group.add_argument("--freeze_backbone", action=BOOL, help="train the head only (a linear probe)")
+    group.add_argument("--train_final_norm", action=BOOL, help="with --freeze_backbone: train the final norm too")
+    group.add_argument("--recompute", action=BOOL, help="recompute encoder-block activations in the backward "
+                                                         "pass (less memory, about one more forward pass)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, help="passes over the train split")
     group.add_argument("--batch_size", type=int, help="images per step on each device")
-    group.add_argument("--optimizer", choices=["adam", "adamw"],
+    group.add_argument("--optimizer", choices=["adam", "adamw", "sgd"],
                        help="'adam': nn.Adam (the tutorial's); 'adamw': nn.AdamWeightDecay without decay on "
-                            "norms, biases, cls_token and pos_embed")
+                            "norms, biases, cls_token and pos_embed; 'sgd': nn.SGD with momentum, the same groups")
+    group.add_argument("--momentum", type=float, help="SGD momentum")
+    group.add_argument("--nesterov", action=BOOL, help="SGD Nesterov momentum")
     group.add_argument("--lr", type=float, help="peak learning rate")
     group.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine")
     group.add_argument("--lr_schedule", choices=["cosine_epoch", "warmup_cosine"],
@@ -74,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--eps", type=float, help="Adam epsilon")
     group.add_argument("--weight_decay", type=float, help="weight decay (AdamW: decoupled, matrices only)")
     group.add_argument("--label_smoothing", type=float, help="target on = 1 - s, off = s / (classes - 1)")
+    group.add_argument("--layer_decay", type=float, metavar="D",
+                       help="layer-wise lr decay: block i learns at lr * D^(depth - i), embeddings least, head "
+                            "1.0; 1: off")
+    group.add_argument("--clip_grad", type=float, metavar="NORM", help="clip gradients to this global norm; 0: off")
+    group.add_argument("--accum_steps", type=int, metavar="K",
+                       help="accumulate K batches per optimizer step (= one batch K times larger)")
+    group.add_argument("--ema_decay", type=float, metavar="D",
+                       help="model EMA per optimizer step, evaluated every epoch and saved as ema.ckpt; 0: off")
 
     group = parser.add_argument_group("runtime")
     group.add_argument("--device_target", choices=["CPU", "GPU", "Ascend"], help="the device to train on")

@@ -7,8 +7,8 @@
    ant/bee photos of the PyTorch transfer-learning tutorial), train the same architecture
    (a) from scratch (AdamW, warmup + cosine, lr 1e-3: the project's scratch recipe), and
    (b) fine-tuned from step 1 with the fine-tuning recipe (new zero head, layer decay, clipping, label
-       smoothing, RandAugment, Mixup/CutMix, EMA: `vit_ms.augment`, `vit_ms.optim_extras`,
-       `vit_ms.train_step`), for the same epochs and batch size,
+       smoothing, RandAugment, Mixup/CutMix, EMA: `vit_ms.data.augment`, `vit_ms.training.optim`,
+       `vit_ms.training.train_step`), for the same epochs and batch size,
    and report val top-1 (and the EMA's) and wall time for each in a table.
 
 What it can show: whether features learnt on one task transfer to another under this project's
@@ -39,13 +39,13 @@ import mindspore as ms  # noqa: E402
 import mindspore.dataset as ds  # noqa: E402
 from mindspore import nn  # noqa: E402
 
-from vit_ms.augment import MixupCutmix, add_batch_mixup, train_augmentations  # noqa: E402
+from vit_ms.data.augment import MixupCutmix, add_batch_mixup, train_augmentations  # noqa: E402
 from vit_ms.cli import ArgumentParser  # noqa: E402
 from vit_ms.config import Preprocess  # noqa: E402
-from vit_ms.ema import ModelEMA  # noqa: E402
+from vit_ms.training.ema import ModelEMA  # noqa: E402
 from vit_ms.model import create_model  # noqa: E402
-from vit_ms.optim_extras import SoftCrossEntropy, create_optimizer  # noqa: E402
-from vit_ms.train_step import TrainStep  # noqa: E402
+from vit_ms.training.optim import SoftCrossEntropy, create_optimizer  # noqa: E402
+from vit_ms.training.train_step import TrainStep  # noqa: E402
 
 logger = logging.getLogger("bench_transfer")
 

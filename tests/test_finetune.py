@@ -1,4 +1,4 @@
-"""Fine-tuning optimisation parts (vit_ms.optim_extras, vit_ms.ema, vit_ms.train_step) against NumPy and
+"""Fine-tuning optimisation parts (vit_ms.training.optim, .ema, .train_step) against NumPy and
 hand tables: the soft-target loss, layer-wise lr decay, SGD, clipping, gradient accumulation, EMA, a frozen
 backbone, recomputation, and the train step under Model.train."""
 import numpy as np
@@ -9,12 +9,12 @@ import mindspore.dataset as ds
 from mindspore import nn
 from mindspore.train import Model
 
-from vit_ms.augment import MixupCutmix, add_batch_mixup
-from vit_ms.ema import ModelEMA
+from vit_ms.data.augment import MixupCutmix, add_batch_mixup
+from vit_ms.training.ema import ModelEMA
 from vit_ms.model import create_model
-from vit_ms.optim_extras import (SoftCrossEntropy, apply_recompute, create_optimizer, freeze_backbone,
-                                 layer_decay_groups, layer_scale)
-from vit_ms.train_step import TrainStep
+from vit_ms.training.optim import (SoftCrossEntropy, apply_recompute, create_optimizer, freeze_backbone,
+                                   layer_scale, param_groups)
+from vit_ms.training.train_step import TrainStep
 
 CLASSES = 3
 # float32 unit roundoff
@@ -103,7 +103,7 @@ def test_layer_scale_hand_table():
 def test_layer_decay_groups_lr_and_weight_decay_per_parameter():
     net = tiny()
     schedule = [0.1, 0.2, 0.4]
-    groups = layer_decay_groups(net, schedule, layer_decay=0.5, weight_decay=0.05)
+    groups = param_groups(net, schedule, layer_decay=0.5, weight_decay=0.05)
     assert [p.name for p in groups[-1]["order_params"]] == [p.name for p in net.trainable_params()]
     seen = {}
     for group in groups[:-1]:
@@ -308,7 +308,7 @@ def test_create_optimizer_kinds_and_decay_groups(name, cls, no_decay_wd):
     net = tiny()
     opt = create_optimizer(net, name, [1e-3], weight_decay=0.05, layer_decay=0.75)
     assert type(opt) is cls
-    groups = layer_decay_groups(net, [1e-3], 0.75, 0.05, decay_all=name == "adam")
+    groups = param_groups(net, [1e-3], 0.75, 0.05, decay_all=name == "adam")
     matrices = {"patch_embed.proj.weight", "head.weight"} | {
         f"blocks.{i}.{layer}.weight" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
     for group in groups[:-1]:

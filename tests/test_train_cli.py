@@ -1,6 +1,8 @@
-"""train.py as a user runs it: --help, bad flags, a run killed with SIGKILL and resumed, Ctrl-C and a second
-run into the same folder, a full disk during a checkpoint save, msrun data parallelism on two CPU workers
-(and one worker killed), an unavailable device, and the tutorial recipe offline."""
+"""train.py as a user runs it: --help, bad flags, the fine-tuning recipes and options (mixup, cutmix, layer
+decay, clipping, accumulation, EMA, a frozen backbone, recomputation, a default-sized model on a tiny
+folder), a run killed with SIGKILL and resumed (EMA included), Ctrl-C and a second run into the same
+folder, a full disk during a checkpoint save, msrun data parallelism on two CPU workers (and one worker
+killed), an unavailable device, and the tutorial recipe offline."""
 import functools
 import importlib.util
 import json
@@ -54,7 +56,11 @@ def test_help_explains_every_main_flag(tmp_path):
     for flag in ("--data_path", "--dataset", "--model", "--pretrained", "--epochs", "--batch_size", "--lr",
                  "--output_dir", "--resume", "--distributed", "--recipe", "--device_target", "--mode",
                  "--amp_level", "--seed", "--overwrite", "--check", "{full,header,none}", "{sample,imagenet_subset}",
-                 "{CPU,GPU,Ascend}", "{graph,pynative}"):
+                 "{CPU,GPU,Ascend}", "{graph,pynative}", "{none,randaugment,trivialaugment,autoaugment}",
+                 "--ra_magnitude", "--random_erasing P", "--color_jitter S", "--mixup ALPHA", "--cutmix ALPHA",
+                 "--mixup_prob", "--mixup_switch_prob", "{adam,adamw,sgd}", "--momentum", "--nesterov",
+                 "--layer_decay D", "--clip_grad NORM", "--accum_steps K", "--ema_decay D", "--recompute",
+                 "--freeze_backbone", "--train_final_norm", "finetune", "linear_probe"):
         assert flag in result.stdout, flag
     assert "msrun" in result.stdout and "tutorial" in result.stdout
 
@@ -67,6 +73,17 @@ def test_help_explains_every_main_flag(tmp_path):
     (["--model", "vit_z_16"], "unknown model preset 'vit_z_16'"),
     (["--epoch", "3"], "unrecognized arguments: --epoch 3 (--epoch: did you mean --epochs?)"),
     (["--resume", "--overwrite"], "--resume continues the run in output_dir and --overwrite deletes it"),
+    (["--recipe", "finetune"], "the finetune recipe needs --pretrained: a checkpoint file"),
+    (["--recipe", "linear_probe"], "or a zoo name such as augreg_vit_ti_16_224, downloaded on first use"),
+    (["--auto_augment", "randaug"], "invalid choice: 'randaug'"),
+    (["--layer_decay", "1.5"], "--layer_decay must be in (0, 1] (1: off), got 1.5"),
+    (["--ema_decay", "1"], "--ema_decay must be in [0, 1) (0: off), got 1.0"),
+    (["--mixup_prob", "2"], "--mixup_prob must be a probability in [0, 1], got 2.0"),
+    (["--accum_steps", "0"], "TrainConfig.accum_steps must be a positive integer, got 0"),
+    (["--clip_grad", "-1"], "--clip_grad must be >= 0 (0: off), got -1.0"),
+    (["--nesterov"], "--nesterov needs --optimizer sgd with --momentum > 0"),
+    (["--train_final_norm"], "--train_final_norm only applies with --freeze_backbone"),
+    (["--amp_level", "O2", "--ema_decay", "0.9"], "train in float32: use --amp_level O0"),
 ])
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     result = run_train(args + ["--dry_run"], tmp_path)
@@ -79,6 +96,115 @@ def test_flags_override_the_recipe(tmp_path):
     assert result.returncode == 0, result.stderr
     expected = get_train_config("tutorial", epochs=3, lr=1e-4, device_target="Ascend").to_dict()
     assert json.loads(result.stdout) == expected
+
+
+def test_finetune_recipe_resolves_and_dry_run_prints_every_field(tmp_path):
+    result = run_train(["--recipe", "finetune", "--pretrained", "weights.safetensors", "--data_path", "photos",
+                        "--epochs", "3", "--dry_run"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    expected = get_train_config("finetune", pretrained="weights.safetensors", data_path="photos", epochs=3)
+    assert printed == expected.to_dict()
+    # The published defaults (notes/finetune.md has the sources), and the warmup fitted to 3 epochs.
+    assert {k: printed[k] for k in ("auto_augment", "ra_num_ops", "ra_magnitude", "color_jitter", "random_erasing",
+                                    "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "optimizer", "momentum",
+                                    "nesterov", "layer_decay", "clip_grad", "accum_steps", "ema_decay",
+                                    "recompute", "freeze_backbone", "train_final_norm", "label_smoothing",
+                                    "weight_decay", "warmup_epochs")} == {
+        "auto_augment": "randaugment", "ra_num_ops": 2, "ra_magnitude": 9, "color_jitter": 0.0,
+        "random_erasing": 0.25, "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+        "optimizer": "adamw", "momentum": 0.9, "nesterov": False, "layer_decay": 0.75, "clip_grad": 1.0,
+        "accum_steps": 1, "ema_decay": 0.9998, "recompute": False, "freeze_backbone": False,
+        "train_final_norm": False, "label_smoothing": 0.1, "weight_decay": 0.05, "warmup_epochs": 2}
+    assert printed["lr"] == pytest.approx(5e-4 * 32 / 512)
+    assert "warmup shortened from the recipe's 5 epoch(s) to 2 to fit --epochs 3" in result.stderr
+    probe = run_train(["--recipe", "linear_probe", "--pretrained", "w.ckpt", "--dry_run"], tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    probe = json.loads(probe.stdout)
+    assert probe["freeze_backbone"] and (probe["auto_augment"], probe["mixup"], probe["cutmix"]) == ("none", 0, 0)
+
+
+FINETUNE_FLAGS = ["--mixup", "0.8", "--cutmix", "1.0", "--layer_decay", "0.75", "--clip_grad", "1.0",
+                  "--accum_steps", "2", "--ema_decay", "0.9", "--auto_augment", "randaugment", "--random_erasing",
+                  "0.25", "--color_jitter", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    """One epoch with every fine-tuning option on, in its own VIT_MS_HOME: (output folder, result, home)."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    data, out, home = make_image_folder(tmp / "data"), tmp / "run", tmp / "home"
+    args = ["--data_path", str(data), "--output_dir", str(out), "--epochs", "1", *TINY_FLAGS, "--batch_size", "4",
+            *FINETUNE_FLAGS]
+    result = run_train(args, tmp, env=dict(_env(), VIT_MS_HOME=str(home)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result, home
+
+
+def test_one_epoch_with_every_finetuning_option_writes_ema_ckpt_and_says_which_weights_won(finetune_run):
+    out, result, home = finetune_run
+    assert {"best.ckpt", "last.ckpt", "ema.ckpt"} <= {p.name for p in out.iterdir()}
+    record = read_metrics(out)[-1]
+    # 48 images in batches of 4 = 12 micro-batches; 2 per optimizer step.
+    assert record["step"] == 6 and read_metadata(out / "last.ckpt")["global_step"] == 6
+    last = ms.load_checkpoint(str(out / "last.ckpt"))
+    assert int(last["global_step"].asnumpy()[0]) == 6 and int(last["accum_micro_step"].asnumpy()) == 12
+    # ema.ckpt holds exactly the averages last.ckpt keeps for --resume, under the model's own names.
+    ema = ms.load_checkpoint(str(out / "ema.ckpt"))
+    ema.pop("vit_ms_meta", None)
+    assert set(ema) == {name[len("ema."):] for name in last if name.startswith("ema.")}
+    for name, value in ema.items():
+        np.testing.assert_array_equal(value.asnumpy(), last[f"ema.{name}"].asnumpy(), err_msg=name)
+    # The log and best.ckpt's metadata agree on which weights won.
+    winner = read_metadata(out / "best.ckpt")["weights"]
+    ema_won = record["ema_top1"] > record["top1"]
+    assert winner == ("ema" if ema_won else "trained")
+    best = max(record["ema_top1"], record["top1"])
+    phrase = (f"from the EMA weights (top-1 {100 * record['ema_top1']:.2f}% vs {100 * record['top1']:.2f}% trained)"
+              if ema_won else
+              f"from the trained weights (top-1 {100 * record['top1']:.2f}% vs {100 * record['ema_top1']:.2f}% EMA)")
+    assert f"new best val top-1 {100 * best:.2f}%: wrote {out / 'best.ckpt'} {phrase}" in (out / "train.log").read_text()
+    assert f"EMA top-1 {100 * record['ema_top1']:.2f}%" in result.stderr
+    # The compiled graphs were cached for the next run with these settings.
+    assert list((home / "graphs").rglob("*.mindir")), sorted((home / "graphs").rglob("*"))
+
+
+def test_linear_probe_from_a_checkpoint_changes_only_the_head_with_recompute(finetune_run, tmp_path):
+    pretrained, _, home = finetune_run
+    pretrained = pretrained / "ema.ckpt"
+    data, out, record = make_image_folder(tmp_path / "data", per_class=(8, 2)), tmp_path / "run", tmp_path / "rec"
+    args = ["--recipe", "linear_probe", "--pretrained", str(pretrained), "--data_path", str(data), "--output_dir",
+            str(out), "--epochs", "1", *TINY_FLAGS, "--recompute"]
+    result = run_train(args, tmp_path, script=RECORDING_TRAIN, record=record,
+                       env=dict(_env(), VIT_MS_HOME=str(home)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = ms.load_checkpoint(str(record / "rank_0_start.ckpt"))
+    final = ms.load_checkpoint(str(record / "rank_0_final.ckpt"))
+    weights = ms.load_checkpoint(str(pretrained))
+    weights.pop("vit_ms_meta")
+    changed = set()
+    for name, value in weights.items():
+        if not name.startswith("head."):  # the backbone started from the checkpoint
+            np.testing.assert_array_equal(start[name].asnumpy(), value.asnumpy(), err_msg=name)
+        if not np.array_equal(start[name].asnumpy(), final[name].asnumpy()):
+            changed.add(name)
+    assert changed == {"head.weight", "head.bias"}
+    assert "frozen backbone: training head.weight, head.bias only" in result.stderr
+
+
+def test_the_default_model_trains_one_epoch_on_a_tiny_folder(tmp_path):
+    # ViT-Ti/16 at 224 px with the scratch recipe's batch of 32 on a folder of 6 training images: the batch
+    # shrinks to fit (a warning), the one-epoch warmup is shortened, and the run finishes.
+    data = make_image_folder(tmp_path / "data", per_class=(2, 1))
+    out = tmp_path / "run"
+    result = run_train(["--data_path", str(data), "--model", "vit_ti_16", "--epochs", "1", "--output_dir", str(out),
+                        "--no-progress_bar"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--batch_size 32 x --accum_steps 1 is more than the 6 training image(s) per device: using --batch_size 6"         in result.stderr
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 6
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+    meta = read_metadata(out / "best.ckpt")
+    assert (meta["model"]["image_size"], meta["model"]["embed_dim"], meta["model"]["depth"]) == (224, 192, 12)
 
 
 def _kill_after_first_checkpoint(proc, out: Path, timeout=150):
@@ -98,7 +224,7 @@ def test_sigkill_then_resume_restores_everything_and_loses_no_epoch(tmp_path):
     epochs = 6
     # nn.Adam, the tutorial's optimizer: its state is moment1/moment2, beta1_power/beta2_power, global_step.
     args = ["--data_path", str(data), "--output_dir", str(out), "--epochs", str(epochs), "--optimizer", "adam",
-            "--weight_decay", "0", *TINY_FLAGS]
+            "--weight_decay", "0", "--ema_decay", "0.9", *TINY_FLAGS]
     proc = subprocess.Popen([PYTHON, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _kill_after_first_checkpoint(proc, out)
@@ -119,7 +245,8 @@ def test_sigkill_then_resume_restores_everything_and_loses_no_epoch(tmp_path):
     resumed = ms.load_checkpoint(str(debug / "rank_0_start.ckpt"))
     saved.pop("vit_ms_meta")
     assert set(resumed) == set(saved)
-    assert {"moment1.cls_token", "moment2.head.weight", "beta1_power", "beta2_power", "global_step"} <= set(saved)
+    assert {"moment1.cls_token", "moment2.head.weight", "beta1_power", "beta2_power", "global_step",
+            "ema.cls_token", "ema.head.weight"} <= set(saved)  # the EMA too, restored tensor-equal
     for name, value in saved.items():
         np.testing.assert_array_equal(resumed[name].asnumpy(), value.asnumpy(), err_msg=name)
     steps = 48 // 8

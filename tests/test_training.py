@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import stat
 import subprocess
@@ -19,7 +20,7 @@ from PIL import Image
 from vit_ms import create_model
 from vit_ms.checkpoint import load_model, read_metadata
 from vit_ms.data import DatasetError
-from vit_ms.training import (CrossEntropySmooth, RunFolderError, TrainingDiverged, build_optimizer, lr_schedule,
+from vit_ms.training import (RunFolderError, SoftCrossEntropy, TrainingDiverged, create_optimizer, lr_schedule,
                              param_groups, read_metrics, resolve_train_config, run_followups, train)
 from vit_ms.training.config import RECIPES, TrainConfig, get_train_config
 
@@ -63,13 +64,20 @@ def test_tutorial_recipe_is_the_tutorials_fine_tuning():
     assert lr[0] == pytest.approx(5e-5) and lr[-1] == pytest.approx(5e-5 * (1 + math.cos(0.9 * math.pi)) / 2)
 
 
+def _optimizer(net, cfg, schedule):
+    # As the training loop builds it.
+    return create_optimizer(net, cfg.optimizer, schedule, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                            momentum=cfg.momentum, nesterov=cfg.nesterov, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
+
+
 def test_tutorial_optimizer_is_adam_with_beta1_09():
     cfg = get_train_config("tutorial", epochs=2)
     net = create_model("vit_ti_16", num_classes=4, **TINY_MODEL, image_size=16)
-    opt = build_optimizer(net, cfg, lr_schedule(cfg, 3))
+    opt = _optimizer(net, cfg, lr_schedule(cfg, 3))
     assert type(opt) is nn.Adam
     assert float(opt.beta1.asnumpy()) == pytest.approx(0.9) and float(opt.beta2.asnumpy()) == pytest.approx(0.999)
-    assert np.allclose(opt.learning_rate.learning_rate.asnumpy(), [5e-5] * 3 + [2.5e-5] * 3)  # cos(pi / 2) = 0
+    for group_lr in opt.learning_rate:  # one table per parameter group, all the same without layer decay
+        assert np.allclose(group_lr.learning_rate.asnumpy(), [5e-5] * 3 + [2.5e-5] * 3)  # cos(pi / 2) = 0
 
 
 def test_scratch_recipe_is_the_default_and_uses_adamw_with_groups():
@@ -78,7 +86,7 @@ def test_scratch_recipe_is_the_default_and_uses_adamw_with_groups():
     assert cfg.lr_schedule == "warmup_cosine" and cfg.warmup_epochs > 0
     assert cfg.label_smoothing > 0 and cfg.drop_path_rate > 0
     net = create_model("vit_ti_16", num_classes=4, **TINY_MODEL, image_size=16)
-    assert type(build_optimizer(net, cfg, [1e-3] * 4)) is nn.AdamWeightDecay
+    assert type(_optimizer(net, cfg, [1e-3] * 4)) is nn.AdamWeightDecay
 
 
 def test_unknown_keys_are_rejected(tmp_path):
@@ -94,10 +102,10 @@ def test_unknown_keys_are_rejected(tmp_path):
         resolve_train_config("scratch", config_file=file)
     with pytest.raises(ValueError, match="model_overrides has unknown.*'layers'"):
         get_train_config("scratch", model_overrides={"layers": 3})
-    with pytest.raises(ValueError, match="unknown recipe 'finetune'"):
-        resolve_train_config("finetune")
+    with pytest.raises(ValueError, match="unknown recipe 'finetuning'"):
+        resolve_train_config("finetuning")
     with pytest.raises(ValueError, match="optimizer must be one of"):
-        get_train_config("scratch", optimizer="sgd")
+        get_train_config("scratch", optimizer="lamb")
 
 
 def test_old_import_path_still_gives_the_training_settings():
@@ -157,20 +165,37 @@ def test_cosine_epoch_schedule_matches_mindspore():
 
 def test_param_groups_exempt_norms_biases_and_embeddings():
     net = create_model("vit_ti_16", num_classes=4, image_size=16, **TINY_MODEL)
-    decay, no_decay, order = param_groups(net, 0.05)
-    decay_names = {p.name for p in decay["params"]}
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    *groups, order = param_groups(net, [1e-3], weight_decay=0.05)
+    assert {g["weight_decay"] for g in groups} == {0.05, 0.0}
+    decay_names = {p.name for g in groups if g["weight_decay"] for p in g["params"]}
     assert decay_names == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
                            "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "head.weight"}
-    no_decay_names = {p.name for p in no_decay["params"]}
+    no_decay_names = {p.name for g in groups if not g["weight_decay"] for p in g["params"]}
     assert {"cls_token", "pos_embed", "norm.gamma", "norm.beta", "head.bias", "blocks.0.norm1.gamma"} <= no_decay_names
     assert len(decay_names) + len(no_decay_names) == len(order["order_params"]) == len(net.trainable_params())
+
+
+def test_a_zoo_name_in_pretrained_brings_its_architecture_and_preprocessing():
+    from vit_ms.training.loop import _model_config
+
+    # --model says Ti, the weights are an S/16: the weights' architecture wins; the image size is the run's.
+    cfg = get_train_config("finetune", pretrained="augreg_vit_s_16_224", model="vit_ti_16", image_size=160)
+    config, preprocess = _model_config(cfg, 5)
+    # ViT-S/16 (DeiT's table): width 384, depth 12, 6 heads, MLP 1536; AugReg's JAX numerics (eps 1e-6).
+    assert (config.embed_dim, config.depth, config.num_heads, config.mlp_dim) == (384, 12, 6, 1536)
+    assert (config.num_classes, config.image_size, config.drop_path_rate) == (5, 160, 0.1)
+    # timm's augreg_in21k_ft_in1k preprocessing: mean = std = 0.5, bicubic.
+    assert (preprocess.mean, preprocess.std, preprocess.interpolation, preprocess.image_size) == (
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 160)
+    # A file keeps --model and the preset's own preprocessing (ImageNet mean/std).
+    config, preprocess = _model_config(dataclasses.replace(cfg, pretrained="weights.npz"), 5)
+    assert config.embed_dim == 192 and preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
 def test_smoothed_cross_entropy_against_numpy(rng):
     logits = rng.normal(size=(5, 4)).astype(np.float32)
     labels = np.array([0, 3, 1, 1, 2], np.int32)
-    loss = CrossEntropySmooth(4, 0.1)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    loss = SoftCrossEntropy(4, 0.1)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
     target = np.full((5, 4), 0.1 / 3)
     target[np.arange(5), labels] = 0.9
     log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
@@ -180,6 +205,19 @@ def test_smoothed_cross_entropy_against_numpy(rng):
 # ---------------------------------------------------------------------------------------------------------
 # Real runs
 # ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_graph_cache_in_process():
+    # train() turns MindSpore's compile cache on for the whole process (its env vars stay set); in the
+    # pytest process that would reach every later test. The CLI tests (subprocesses) exercise the cache.
+    previous = os.environ.get("VIT_MS_GRAPH_CACHE")
+    os.environ["VIT_MS_GRAPH_CACHE"] = "0"
+    yield
+    if previous is None:
+        os.environ.pop("VIT_MS_GRAPH_CACHE")
+    else:
+        os.environ["VIT_MS_GRAPH_CACHE"] = previous
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -7,6 +7,8 @@ Modules, one concept each:
 - `manifest`: the check at scale, cached per file (path, size, mtime) and shared out between msrun ranks.
 - `pipeline`: `create_dataset` -> (dataset, `DatasetInfo`) for train and eval, the transforms, and
   `load_image` / `preprocess_image` for single images; one decoding convention for all of them.
+- `augment`: fine-tuning augmentation: an auto-augment policy, colour jitter, random erasing
+  (`train_augmentations`, used by `create_dataset(..., augmentation=...)`) and batch Mixup/CutMix.
 - `sample`: the embedded offline sample set; `download`: the tutorial's ImageNet subset.
 - `__main__`: `python -m vit_ms.data {verify,sample,download}`.
 
@@ -22,6 +24,8 @@ _EXPORTS = {
     "manifest": ["check_split", "manifest_path"],
     "pipeline": ["DatasetInfo", "load_image", "preprocess_image", "eval_transforms", "train_transforms",
                  "class_names", "scan_split", "scan_split_paths", "create_dataset"],
+    "augment": ["AUTO_AUGMENT_POLICIES", "policy_op", "train_augmentations", "smooth_one_hot", "cutmix_box",
+                "MixupCutmix", "add_batch_mixup"],
     "sample": ["SAMPLE_CLASSES", "SAMPLE_VERSION", "ensure_sample_dataset"],
     "download": ["TUTORIAL_URL", "download_tutorial_dataset"],
 }

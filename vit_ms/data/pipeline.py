@@ -274,7 +274,8 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
                    shard_id: Optional[int] = None, shuffle: Optional[bool] = None,
                    drop_remainder: Optional[bool] = None, class_names: Optional[Sequence[str]] = None,
                    check="full", check_group: Optional[Tuple[int, int]] = None,
-                   crop_scale=(0.08, 1.0), crop_ratio=(0.75, 1.333)) -> Tuple[ds.Dataset, DatasetInfo]:
+                   crop_scale=(0.08, 1.0), crop_ratio=(0.75, 1.333),
+                   augmentation: Optional[dict] = None) -> Tuple[ds.Dataset, DatasetInfo]:
     """Batches of ("image" float32 (B, C, S, S), "label" int32 (B,)) from ROOT/split.
 
     Every image file is checked first at depth `check`, through the per-file manifest (a second start
@@ -308,6 +309,9 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
             Sharded calls made one after another in one process would wait for each other: check the
             split unsharded first (it is then cached) or use check="none".
         crop_scale, crop_ratio: area and aspect ranges of the training random crop.
+        augmentation: options of `vit_ms.data.augment.train_augmentations` (auto_augment, ra_num_ops,
+            ra_magnitude, color_jitter, random_erasing) for a training split; None or {}: the plain
+            random crop + flip of `train_transforms`. RGB models only.
 
     Raises:
         DatasetError: missing root/split, no classes, an empty class folder, different class sets, no
@@ -347,8 +351,16 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
     dataset = ds.GeneratorDataset(_EncodedImages(paths, labels, guard=mode == "none"), column_names=["image", "label"],
                                   shuffle=shuffle, num_shards=num_shards, shard_id=shard_id,
                                   num_parallel_workers=1, python_multiprocessing=False)
-    transforms = (train_transforms(preprocess, crop_scale, crop_ratio) if training
-                  else eval_transforms(preprocess))
+    if training and augmentation:
+        if channels(preprocess) != 3:
+            raise ValueError(f"augmentation options {sorted(augmentation)} need an RGB model (3 channels)")
+        from .augment import train_augmentations  # augment imports this module
+
+        transforms = train_augmentations(preprocess, crop_scale=crop_scale, crop_ratio=crop_ratio, **augmentation)
+    elif training:
+        transforms = train_transforms(preprocess, crop_scale, crop_ratio)
+    else:
+        transforms = eval_transforms(preprocess)
     dataset = dataset.map(transforms, input_columns="image", num_parallel_workers=workers)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     info = DatasetInfo(root=Path(root), split=split, class_names=tuple(names), num_images=len(paths),

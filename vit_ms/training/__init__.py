@@ -1,7 +1,10 @@
 """Training a ViT on `mindspore.train.Model.fit`, one concept per module:
 
     config.py       TrainConfig, the named RECIPES, resolve_train_config (no MindSpore import)
-    optim.py        label-smoothed loss, learning-rate schedules, AdamW parameter groups, the optimizer
+    optim.py        the loss (int or soft targets), lr schedules, parameter groups with layer-wise decay,
+                    the optimizer (adam, adamw, sgd), frozen backbone, recomputation
+    train_step.py   TrainStep: gradient clipping, accumulation over micro-batches, the EMA update
+    ema.py          ModelEMA (the averaged weights) and EmaEvaluator
     callbacks.py    loss guard, Ctrl-C/SIGTERM handling, progress bar, epoch recorder (metrics + checkpoints)
     rundir.py       the run folder: what it holds, the no-clobber rule, metrics.jsonl, train.log
     distributed.py  device, mode, seed, and the msrun group
@@ -14,7 +17,10 @@ import importlib
 
 _EXPORTS = {
     "config": ["TrainConfig", "RECIPES", "get_train_config", "resolve_train_config"],
-    "optim": ["CrossEntropySmooth", "lr_schedule", "param_groups", "build_optimizer"],
+    "optim": ["SoftCrossEntropy", "CrossEntropySmooth", "lr_schedule", "param_groups", "create_optimizer",
+              "layer_scale", "freeze_backbone", "apply_recompute"],
+    "train_step": ["TrainStep"],
+    "ema": ["ModelEMA", "EmaEvaluator"],
     "callbacks": ["TrainingDiverged", "TrainingInterrupted", "LossGuard", "StopOnSignal", "ProgressBar",
                   "EpochRecorder"],
     "rundir": ["RunFolderError", "read_metrics", "resume_command"],

@@ -66,9 +66,11 @@ class RunState:
     epoch_start: float = 0.0
     train_seconds: float = 0.0
     stop_signal: Optional[int] = None  # set by the first SIGINT/SIGTERM
+    accum_steps: int = 1  # micro-batches (callback steps) per optimizer step
 
     def global_step(self, cb_params) -> int:
-        return self.start_step + cb_params.cur_step_num
+        """The optimizer's global step (the lr table's index) after this callback step."""
+        return self.start_step + cb_params.cur_step_num // self.accum_steps
 
     def current_lr(self, cb_params) -> float:
         step = self.global_step(cb_params)
@@ -188,7 +190,12 @@ class ProgressBar(Callback):
 
 
 class EpochRecorder(Callback):
-    """The writing rank's epoch end: a metrics.jsonl line, best.ckpt when top-1 improved, last.ckpt.
+    """The writing rank's epoch end: a metrics.jsonl line, best.ckpt when top-1 improved, ema.ckpt (with an
+    EMA), last.ckpt.
+
+    With an `EmaEvaluator` the EMA weights are evaluated too (`ema_top1`, `ema_val_loss_smoothed` in the
+    metrics line), and best.ckpt takes whichever of the trained and the EMA weights scores the higher
+    top-1 when that beats the best so far; the log says which.
 
     metrics.jsonl fields: epoch, step (global), train_loss_smoothed (mean label-smoothed training loss,
     what the optimizer minimises), top1 and top5 (val accuracy; top5 only with more than 5 classes),
@@ -200,8 +207,9 @@ class EpochRecorder(Callback):
     """
 
     def __init__(self, state: RunState, out: Path, net: nn.Cell, meta: dict, total_epochs: int,
-                 top5: bool):
+                 top5: bool, ema=None):
         super().__init__()
+        self.ema = ema
         self.state = state
         self.out = out
         self.net = net
@@ -222,25 +230,45 @@ class EpochRecorder(Callback):
                   "top1": float(results.get("top1", float("nan")))}
         if self.top5:
             record["top5"] = float(results.get("top5", float("nan")))
+        ema_results = self.ema.evaluate() if self.ema is not None else None
+        if ema_results is not None:
+            record["ema_top1"] = float(ema_results.get("top1", float("nan")))
         record.update({
             "val_loss_smoothed": float(results.get("eval_loss", float("nan"))),
             "lr": self.state.current_lr(cb_params),
             "time": round(time.perf_counter() - self.state.epoch_start, 3),
             "images_per_sec": round(len(losses) * self.state.batch_size / max(self.state.train_seconds, 1e-9), 1),
         })
+        if ema_results is not None:
+            record["ema_val_loss_smoothed"] = float(ema_results.get("eval_loss", float("nan")))
         top5 = f", top-5 {100 * record['top5']:.2f}%" if self.top5 else ""
-        logger.info("epoch %d/%d: train loss (label-smoothed) %.4f, val top-1 %.2f%%%s, val loss (label-smoothed) "
+        ema = f", EMA top-1 {100 * record['ema_top1']:.2f}%" if ema_results is not None else ""
+        logger.info("epoch %d/%d: train loss (label-smoothed) %.4f, val top-1 %.2f%%%s%s, val loss (label-smoothed) "
                     "%.4f, lr %.3g, %.1f s, %.0f images/s", epoch, self.total_epochs, record["train_loss_smoothed"],
-                    100 * record["top1"], top5, record["val_loss_smoothed"], record["lr"], record["time"],
+                    100 * record["top1"], top5, ema, record["val_loss_smoothed"], record["lr"], record["time"],
                     record["images_per_sec"])
         rundir.append_metrics(self.out, record)
-        improved = record["top1"] > self.state.best_top1
+        use_ema = ema_results is not None and record["ema_top1"] > record["top1"]
+        top1 = record["ema_top1"] if use_ema else record["top1"]
+        improved = top1 > self.state.best_top1
         if improved:
-            self.state.best_top1 = record["top1"]
+            self.state.best_top1 = top1
         meta = dict(self.meta, epoch=epoch, global_step=step, metrics=record, best_top1=self.state.best_top1)
         if improved:
-            self._save(self.net, self.out / rundir.BEST_CKPT, meta)
-            logger.info("new best val top-1 %.2f%%: wrote %s", 100 * record["top1"], self.out / rundir.BEST_CKPT)
+            self._save(self.ema.net if use_ema else self.net, self.out / rundir.BEST_CKPT,
+                       dict(meta, weights="ema" if use_ema else "trained"))
+            if ema_results is None:
+                logger.info("new best val top-1 %.2f%%: wrote %s", 100 * top1, self.out / rundir.BEST_CKPT)
+            elif use_ema:
+                logger.info("new best val top-1 %.2f%%: wrote %s from the EMA weights (top-1 %.2f%% vs %.2f%% "
+                            "trained)", 100 * top1, self.out / rundir.BEST_CKPT, 100 * record["ema_top1"],
+                            100 * record["top1"])
+            else:
+                logger.info("new best val top-1 %.2f%%: wrote %s from the trained weights (top-1 %.2f%% vs "
+                            "%.2f%% EMA)", 100 * top1, self.out / rundir.BEST_CKPT, 100 * record["top1"],
+                            100 * record["ema_top1"])
+        if ema_results is not None:  # the EMA net holds the averages since evaluate()
+            self._save(self.ema.net, self.out / rundir.EMA_CKPT, dict(meta, weights="ema"))
         # last.ckpt holds the optimizer too (moments, global step, beta powers): all of the train network.
         self._save(cb_params.train_network, self.out / rundir.LAST_CKPT, meta)
 

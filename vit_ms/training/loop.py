@@ -1,6 +1,11 @@
 """`train(cfg)`: one training run of a ViT (Dosovitskiy et al., ICLR 2021) on `mindspore.train.Model.fit`,
 as a few named steps: check the inputs, build data and model, open the run folder, restore when
 resuming, fit, report. What the run folder holds is described in `vit_ms.training.rundir`.
+
+The train network is a `TrainStep` (gradient clipping, accumulation over `accum_steps` micro-batches,
+the model EMA) over the network with its loss; the optimizer (and its learning-rate table) counts
+optimizer steps, i.e. batches // accum_steps. Only an AMP run without clip/accumulation/EMA keeps
+MindSpore's own mixed-precision train cell (with its loss scaling on Ascend/GPU).
 """
 from __future__ import annotations
 
@@ -17,16 +22,18 @@ from mindspore.train import Callback, Model
 from mindspore.train.metrics import TopKCategoricalAccuracy
 
 from .. import checkpoint as ckpt
-from .. import data
+from .. import data, graph_cache
 from ..config import Preprocess, ViTConfig, get_config
 from ..layers import use_fused_kernels
 from ..model import ViT, set_dynamic_batch
 from . import rundir
 from .callbacks import (EpochRecorder, LossGuard, ProgressBar, RunState, StopOnSignal, TrainingDiverged,
                         TrainingInterrupted)
-from .config import TrainConfig
+from .config import TrainConfig, graph_settings
 from .distributed import amp_level_for, init_device, sink_mode_for
-from .optim import CrossEntropySmooth, build_optimizer, lr_schedule
+from .ema import EmaEvaluator, ModelEMA
+from .optim import SoftCrossEntropy, apply_recompute, create_optimizer, freeze_backbone, lr_schedule
+from .train_step import TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +65,10 @@ class _Data:
     preprocess: Preprocess
     train: object  # mindspore.dataset.Dataset
     val: object
-    steps_per_epoch: int
+    steps_per_epoch: int  # batches per epoch on one device
     val_images: int
+    optimizer_steps: int  # optimizer steps per epoch: steps_per_epoch // accum_steps
+    ema_val: object = None  # a second val pipeline for evaluating the EMA weights (None: no EMA)
 
 
 @dataclasses.dataclass
@@ -68,6 +77,7 @@ class _Trainer:
     model: Model
     optimizer: nn.Optimizer
     schedule: list
+    ema: Optional[EmaEvaluator] = None
 
 
 def resolve_data_root(cfg: TrainConfig) -> Path:
@@ -111,8 +121,13 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     logs = rundir.RunLogging(rank if cfg.distributed else None, quiet=not writer)
     try:
         inputs = _check_inputs(cfg, writer)
+        cfg = _fit_batch_size(cfg, inputs.root, group_size)
         batches = _build_data(cfg, inputs.root, rank, group_size)
-        trainer = _build_trainer(cfg, batches, inputs.pretrained)
+        # Before the first graph compiles: a second run with the same graph-shaping settings loads them.
+        # The lr tables are graph parameters whose length (every optimizer step of the run) is a shape.
+        graph_cache.enable("train", dict(graph_settings(cfg), model_config=batches.config.to_dict(), rank=rank,
+                                         group_size=group_size, lr_steps=cfg.epochs * batches.optimizer_steps))
+        trainer = _build_trainer(cfg, batches, inputs.pretrained, writer)
         if writer:
             _open_run_folder(cfg, inputs.out, logs)
         return _fit(cfg, inputs.out, batches, trainer, rank, group_size, list(callbacks))
@@ -139,18 +154,55 @@ def _check_inputs(cfg: TrainConfig, writer: bool) -> _Inputs:
     return _Inputs(out, root, pretrained)
 
 
+def _fit_batch_size(cfg: TrainConfig, root: Path, group_size: int) -> TrainConfig:
+    """A batch larger than the train split (per device) is shrunk to fit, with a warning: a recipe's
+    default batch must not stop a run on a small folder."""
+    images = len(data.scan_split_paths(root, "train")[0]) // group_size
+    if 0 < images < cfg.batch_size * cfg.accum_steps:
+        batch = max(images // cfg.accum_steps, 1)
+        logger.warning("--batch_size %d x --accum_steps %d is more than the %d training image(s) per device: "
+                       "using --batch_size %d", cfg.batch_size, cfg.accum_steps, images, batch)
+        cfg = dataclasses.replace(cfg, batch_size=batch)
+    return cfg
+
+
+def _model_config(cfg: TrainConfig, num_classes: int) -> tuple:
+    """(ViTConfig, Preprocess) of the run: a ZOO name in --pretrained brings its architecture and its
+    preprocessing (mean, std, interpolation; at the run's image size), so eval and infer read the weights'
+    own from the checkpoint metadata; otherwise --model with --model_override and the preset's."""
+    settings = dict(num_classes=num_classes, image_size=cfg.image_size, drop_path_rate=cfg.drop_path_rate)
+    entry = ckpt.ZOO.get(cfg.pretrained)
+    if entry is None:
+        config = get_config(cfg.model, **settings, **cfg.model_overrides)
+        return config, Preprocess.for_model(config)
+    if entry.preset != cfg.model:
+        logger.info("--pretrained %s holds a %s: training that architecture (not --model %s)", cfg.pretrained,
+                    entry.preset, cfg.model)
+    config = entry.config(**settings, **cfg.model_overrides)
+    return config, dataclasses.replace(entry.preprocess(), image_size=cfg.image_size)
+
+
+def _augmentation(cfg: TrainConfig) -> Optional[dict]:
+    """create_dataset's per-image augmentation options; None: its plain random crop + flip."""
+    if cfg.auto_augment == "none" and not cfg.color_jitter and not cfg.random_erasing:
+        return None
+    return dict(auto_augment=cfg.auto_augment, ra_num_ops=cfg.ra_num_ops, ra_magnitude=cfg.ra_magnitude,
+                color_jitter=cfg.color_jitter, random_erasing=cfg.random_erasing)
+
+
 def _build_data(cfg: TrainConfig, root: Path, rank: int, group_size: int) -> _Data:
-    """Class names, the model config they imply, and the train (sharded under msrun) and val pipelines."""
+    """Class names, the model config they imply, and the train (sharded under msrun, augmented, mixed)
+    and val pipelines."""
     classes = data.class_names(root, "train")
-    config = get_config(cfg.model, num_classes=len(classes), image_size=cfg.image_size,
-                        drop_path_rate=cfg.drop_path_rate, **cfg.model_overrides)
-    preprocess = Preprocess.for_model(config)
+    config, preprocess = _model_config(cfg, len(classes))
     shard = dict(num_shards=group_size, shard_id=rank) if cfg.distributed else {}
     # check: "full" decodes every file, "header" only opens it, "none" trusts the files.
     common = dict(num_workers=cfg.num_workers, class_names=classes, check=cfg.data_check)
     train_ds, train_info = data.create_dataset(root, "train", preprocess, cfg.batch_size, training=cfg.augment,
                                                shuffle=True, drop_remainder=True,
-                                               crop_scale=(cfg.crop_min_scale, 1.0), **shard, **common)
+                                               crop_scale=(cfg.crop_min_scale, 1.0),
+                                               augmentation=_augmentation(cfg) if cfg.augment else None,
+                                               **shard, **common)
     # Every rank evaluates all of val, but each file is checked by one rank only.
     group = dict(check_group=(rank, group_size)) if cfg.distributed else {}
     val_ds, val_info = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False, **group,
@@ -159,34 +211,89 @@ def _build_data(cfg: TrainConfig, root: Path, rank: int, group_size: int) -> _Da
     if steps_per_epoch == 0:
         raise data.DatasetError(f"{root / 'train'} has fewer images per device than one batch of "
                                 f"{cfg.batch_size}; lower --batch_size")
-    return _Data(classes, config, preprocess, train_ds, val_ds, steps_per_epoch, val_info.num_images)
+    whole = steps_per_epoch - steps_per_epoch % cfg.accum_steps
+    if whole == 0:
+        raise data.DatasetError(f"{root / 'train'} gives {steps_per_epoch} batch(es) of {cfg.batch_size} per epoch, "
+                                f"fewer than one optimizer step of --accum_steps {cfg.accum_steps}; lower either")
+    if whole < steps_per_epoch:
+        # An epoch is whole optimizer steps, so the lr table and the epoch ends line up.
+        logger.info("using %d of %d batches per epoch: a multiple of --accum_steps %d", whole, steps_per_epoch,
+                    cfg.accum_steps)
+        train_ds, steps_per_epoch = train_ds.take(whole), whole
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixer = data.MixupCutmix(len(classes), cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob,
+                                 cfg.label_smoothing, seed=cfg.seed)
+        train_ds = data.add_batch_mixup(train_ds, mixer)  # labels become soft targets (B, classes)
+    ema_val = None
+    if cfg.ema_decay > 0 and rank == 0:  # only the writing rank evaluates the EMA
+        ema_val, _ = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False,
+                                         **dict(common, check="none"))  # checked above
+    return _Data(classes, config, preprocess, train_ds, val_ds, steps_per_epoch, val_info.num_images,
+                 steps_per_epoch // cfg.accum_steps, ema_val)
 
 
-def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path]) -> _Trainer:
-    """The network (with pretrained weights), loss, schedule, optimizer and `Model` with its eval network."""
+def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path], writer: bool) -> _Trainer:
+    """The network (with pretrained weights), loss, schedule, optimizer, the train step and `Model` with its
+    eval network, and the EMA's evaluation."""
     amp_level = amp_level_for(cfg)
+    fast = use_fused_kernels(device_target=cfg.device_target, amp_level=amp_level)
     # The one fused-kernel policy, told what only training knows: the device and the AMP level to come.
-    net = ViT(batches.config, fast=use_fused_kernels(device_target=cfg.device_target, amp_level=amp_level))
+    net = ViT(batches.config, fast=fast)
     if pretrained is not None:
         report = ckpt.load_weights(net, pretrained)
         logger.info("initial weights: %s", report.summary())
-    loss_fn = CrossEntropySmooth(batches.config.num_classes, cfg.label_smoothing)
-    schedule = lr_schedule(cfg, batches.steps_per_epoch)
-    optimizer = build_optimizer(net, cfg, schedule)
+    if cfg.freeze_backbone:
+        freeze_backbone(net, cfg.train_final_norm)  # before the optimizer takes the trainable parameters
+    if cfg.recompute:
+        apply_recompute(net)
+        if cfg.mode != "graph":
+            logger.warning("--recompute works in graph mode only; --mode %s keeps every activation", cfg.mode)
+    loss_fn = SoftCrossEntropy(batches.config.num_classes, cfg.label_smoothing)  # int labels or soft targets
+    schedule = lr_schedule(cfg, batches.optimizer_steps)
+    optimizer = create_optimizer(net, cfg.optimizer, schedule, weight_decay=cfg.weight_decay,
+                                 layer_decay=cfg.layer_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                 beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
+    eval_net = _eval_network(net, loss_fn, batches.config, amp_level)
+    model_kwargs = dict(metrics=_metrics(batches.config), eval_network=eval_net, eval_indexes=[0, 1, 2])
+    fine_tuning = cfg.clip_grad > 0 or cfg.accum_steps > 1 or cfg.ema_decay > 0
+    if amp_level != "O0" and not fine_tuning:
+        amp_kwargs = {}
+        if cfg.device_target == "CPU":
+            amp_kwargs["loss_scale_manager"] = None  # CPU has no dynamic loss scaling (overflow checks)
+        model = Model(net, loss_fn=loss_fn, optimizer=optimizer, amp_level=amp_level, **model_kwargs, **amp_kwargs)
+        return _Trainer(net, model, optimizer, schedule)
+    if amp_level != "O0":
+        # Only --amp_level auto gets here (explicit O1-O3 with these options is refused by TrainConfig).
+        logger.warning("AMP %s with clip/accumulation/EMA: the network is cast, the step has no loss scaling",
+                       amp_level)
+        ms.amp.auto_mixed_precision(net, amp_level)
+    ema = ModelEMA(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step = TrainStep(nn.WithLossCell(net, loss_fn), optimizer, clip_grad=cfg.clip_grad,
+                     accum_steps=cfg.accum_steps, ema=ema)
+    model = Model(step, **model_kwargs)
+    evaluator = None
+    if ema is not None and writer:
+        # A second model receives the averages before each evaluation; the trained one is never touched.
+        ema_net = ViT(batches.config, fast=fast)
+        evaluator = EmaEvaluator(ema, ema_net, _eval_network(ema_net, loss_fn, batches.config, amp_level),
+                                 _metrics(batches.config), batches.ema_val)
+    return _Trainer(net, model, optimizer, schedule, evaluator)
+
+
+def _eval_network(net: nn.Cell, loss_fn: nn.Cell, config: ViTConfig, amp_level: str) -> nn.Cell:
     # The eval network sees the last, smaller val batch too: a dynamic batch dimension compiles it once
     # (as `set_dynamic_batch` declares for a bare net; this cell also takes the labels). Training uses
     # drop_remainder, so its graph keeps a static shape (and sinks on Ascend).
     eval_net = nn.WithEvalCell(net, loss_fn, add_cast_fp32=amp_level in ("O2", "O3"))
-    set_dynamic_batch(eval_net, batches.config, labels=True)
-    amp_kwargs = {}
-    if amp_level != "O0" and cfg.device_target == "CPU":
-        amp_kwargs["loss_scale_manager"] = None  # CPU has no dynamic loss scaling (overflow checks)
+    set_dynamic_batch(eval_net, config, labels=True)
+    return eval_net
+
+
+def _metrics(config: ViTConfig) -> dict:
     metrics = {"top1": TopKCategoricalAccuracy(1)}
-    if batches.config.num_classes > 5:  # top-5 of five or fewer classes is always 100%
+    if config.num_classes > 5:  # top-5 of five or fewer classes is always 100%
         metrics["top5"] = TopKCategoricalAccuracy(5)
-    model = Model(net, loss_fn=loss_fn, optimizer=optimizer, metrics=metrics, eval_network=eval_net,
-                  eval_indexes=[0, 1, 2], amp_level=amp_level, **amp_kwargs)
-    return _Trainer(net, model, optimizer, schedule)
+    return metrics
 
 
 def _open_run_folder(cfg: TrainConfig, out: Path, logs: rundir.RunLogging) -> None:
@@ -205,12 +312,14 @@ def _restore(train_network: nn.Cell, path: Path) -> dict:
     # The learning-rate table is rebuilt from the settings (which may extend the run); the position in it
     # is the restored global_step.
     params, meta = ckpt.read_training_checkpoint(path)  # integrity-checked; raises CheckpointError
+    # The lr tables (one per parameter group) come from the settings, not the file.
+    params = {name: value for name, value in params.items() if not name.startswith("learning_rate")}
     not_loaded, _ = ms.load_param_into_net(train_network, params, strict_load=True)
-    not_loaded = [name for name in not_loaded if name != "learning_rate"]
+    not_loaded = [name for name in not_loaded if not name.startswith("learning_rate")]
     if not_loaded:
         raise ckpt.CheckpointError(f"{path} lacks {len(not_loaded)} parameter(s) of this run's network and "
                                    f"optimizer (e.g. {not_loaded[:3]}); was it written with another model or "
-                                   f"--optimizer?")
+                                   f"--optimizer, --accum_steps or --ema_decay?")
     return meta
 
 
@@ -240,18 +349,19 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
         return result
 
     state = RunState(lr=trainer.schedule, start_step=_global_step(trainer.optimizer),
-                     batch_size=cfg.batch_size * group_size, best_top1=best_top1)
+                     batch_size=cfg.batch_size * group_size, best_top1=best_top1, accum_steps=cfg.accum_steps)
     stopper = StopOnSignal(state)
     callbacks = [LossGuard(state), stopper]
     if writer and cfg.progress_bar and sys.stderr.isatty():  # a log file gets the epoch lines only
         callbacks.append(ProgressBar(state, cfg.epochs))
     if writer:
         callbacks.append(EpochRecorder(state, out, trainer.net, _metadata(cfg, batches), cfg.epochs,
-                                       top5=batches.config.num_classes > 5))
-    logger.info("model %s: %s, %d parameters; %d train steps of %d per epoch, %d val images, %d classes",
-                cfg.model, {k: v for k, v in batches.config.to_dict().items() if k != "num_classes"},
+                                       top5=batches.config.num_classes > 5, ema=trainer.ema))
+    logger.info("model %s: %s, %d trainable parameters; %d train steps of %d per epoch (%d optimizer steps), "
+                "%d val images, %d classes", cfg.model,
+                {k: v for k, v in batches.config.to_dict().items() if k != "num_classes"},
                 sum(p.size for p in trainer.net.trainable_params()), batches.steps_per_epoch,
-                cfg.batch_size * group_size, batches.val_images, len(batches.classes))
+                cfg.batch_size * group_size, batches.optimizer_steps, batches.val_images, len(batches.classes))
     started = time.perf_counter()
     stopper.install()
     try:

@@ -1,42 +1,66 @@
-"""What the optimizer steps with: the label-smoothed loss, the learning-rate schedules (one value per
-global step), AdamW parameter groups, and the optimizer itself."""
+"""What the optimizer steps with: the loss (int labels or soft targets), the learning-rate schedules (one
+value per optimizer step), parameter groups with layer-wise learning-rate decay, the optimizer (Adam,
+AdamW, SGD), a frozen backbone, and activation recomputation per encoder block.
+
+Layer-wise lr decay follows BEiT (Bao et al., ICLR 2022) as MAE fine-tunes (He et al., CVPR 2022;
+facebookresearch/mae `util/lr_decay.py`): with L blocks, the patch embedding, CLS token and position
+embedding are layer 0, block i is layer i + 1, and everything after the blocks (final norm, head) is
+layer L + 1; a parameter of layer l learns at lr * D^(L + 1 - l), so the head gets the full rate and the
+embeddings the smallest. Norm gains, biases, the CLS token and the position embedding get no weight decay
+(AdamW, SGD), as in DeiT/timm/MAE.
+"""
 from __future__ import annotations
 
+import logging
 import math
-from typing import List
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 import mindspore as ms
 from mindspore import nn, ops
 
-from .config import TrainConfig
+from .config import OPTIMIZERS, TrainConfig
 
-# Never decayed by AdamW: 1-D tensors (norm gains and biases) and these embeddings, as in DeiT/timm.
+logger = logging.getLogger(__name__)
+
+# Never decayed: 1-D tensors (norm gains, biases) and these embeddings, as in DeiT/timm/MAE.
 NO_DECAY_NAMES = ("cls_token", "pos_embed")
+EMBEDDING_PREFIXES = ("cls_token", "pos_embed", "patch_embed")
 
 
-class CrossEntropySmooth(nn.LossBase):
-    """Cross entropy against smoothed one-hot targets: on = 1 - s, off = s / (C - 1) (the tutorial's).
+class SoftCrossEntropy(nn.LossBase):
+    """Cross entropy for int labels (B,) or soft targets (B, C), e.g. from `vit_ms.data.MixupCutmix`.
 
-    With s = 0 this is plain cross-entropy, the loss eval.py reports.
+    Int labels are smoothed with the tutorial's convention (on = 1 - s, off = s / (C - 1)); with s = 0 this
+    is plain cross-entropy, the loss eval.py reports. Soft targets are used as given (Mixup already
+    smoothed them). The loss is the batch mean of -sum_c t_c log softmax(logits)_c, in float32.
 
     Args:
         num_classes: width of the logits.
-        smoothing: probability mass s moved from the true class to the others.
+        smoothing: label smoothing s for int labels.
     """
 
     def __init__(self, num_classes: int, smoothing: float = 0.0):
         super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r} (flag --label_smoothing)")
         self.num_classes = num_classes
         self.on_value = ms.Tensor(1.0 - smoothing, ms.float32)
         self.off_value = ms.Tensor(smoothing / max(num_classes - 1, 1), ms.float32)
-        self.ce = nn.SoftmaxCrossEntropyWithLogits(sparse=False, reduction="mean")
 
     def construct(self, logits, label):
-        target = ops.one_hot(label, self.num_classes, self.on_value, self.off_value)  # (B, C)
-        # Under AMP O2 the logits arrive in float16; the softmax and the mean need float32.
-        return self.ce(logits.astype(ms.float32), target)
+        if label.ndim == 1:  # decided when the graph is compiled: int labels or soft targets
+            target = ops.one_hot(label, self.num_classes, self.on_value, self.off_value)
+        else:
+            target = label.astype(ms.float32)
+        # Under AMP the logits may arrive in float16; the log-softmax and the mean need float32.
+        log_probs = ops.log_softmax(logits.astype(ms.float32), axis=-1)
+        return -(target * log_probs).sum(axis=-1).mean()
+
+
+# The tutorial's name for the same loss (int labels only there).
+CrossEntropySmooth = SoftCrossEntropy
 
 
 def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> List[float]:
@@ -69,37 +93,127 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> List[float]:
     return values
 
 
-def param_groups(net: nn.Cell, weight_decay: float) -> list:
-    """AdamW groups: decay on weight matrices only; none on norms, biases, cls_token and pos_embed.
+# ---------------------------------------------------------------------------------------------------------
+# Parameter groups and the optimizer
+# ---------------------------------------------------------------------------------------------------------
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer of a parameter for layer-wise decay: embeddings 0, `blocks.i.*` i + 1, the rest depth + 1."""
+    if name.startswith(EMBEDDING_PREFIXES):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_scale(name: str, depth: int, layer_decay: float) -> float:
+    """Learning-rate multiplier D^(depth + 1 - layer) of a parameter; 1.0 for the head and final norm."""
+    return float(layer_decay ** (depth + 1 - layer_id(name, depth)))
+
+
+def _no_decay(param) -> bool:
+    return param.ndim <= 1 or param.name.split(".")[-1] in NO_DECAY_NAMES
+
+
+def param_groups(net: nn.Cell, lr_schedule: Sequence[float], layer_decay: float = 1.0,
+                       weight_decay: float = 0.0, decay_all: bool = False) -> list:
+    """Optimizer parameter groups of `net`'s trainable parameters: one per (layer, decay or not).
+
+    Each group's "lr" is `lr_schedule` (one value per optimizer step) times the layer's scale (see the
+    module docstring); "weight_decay" is `weight_decay`, or 0 for norms, biases, cls_token and pos_embed.
+    The last entry fixes the parameter order to the network's (checkpoints keep their layout).
 
     Args:
-        net: the model.
-        weight_decay: decay of the first group.
+        net: the ViT (its parameters named as `vit_ms.model.ViT` names them); needs `net.config.depth`
+            or `net.blocks`.
+        lr_schedule: the base learning rate of every optimizer step.
+        layer_decay: D in (0, 1]; 1.0 gives every layer the base rate.
+        weight_decay: decay of the matrices.
+        decay_all: decay every parameter (nn.Adam's L2 convention in the tutorial recipe).
     """
-    decay, no_decay = [], []
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r} (flag --layer_decay)")
+    depth = len(net.blocks)
+    schedule = np.asarray(lr_schedule, dtype=np.float32).reshape(-1)
+    groups: Dict[tuple, List] = {}
     for param in net.trainable_params():
-        if param.ndim <= 1 or param.name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-            {"order_params": net.trainable_params()}]
+        lid = layer_id(param.name, depth)
+        decayed = decay_all or not _no_decay(param)
+        groups.setdefault((lid, decayed), []).append(param)
+    result = []
+    for (lid, decayed), params in sorted(groups.items()):
+        scale = float(layer_decay ** (depth + 1 - lid))
+        result.append({"params": params, "lr": ms.Tensor(schedule * np.float32(scale)),
+                       "weight_decay": float(weight_decay) if decayed else 0.0})
+    result.append({"order_params": net.trainable_params()})
+    return result
 
 
-def build_optimizer(net: nn.Cell, cfg: TrainConfig, lr: List[float]) -> nn.Optimizer:
-    """`nn.Adam` (the tutorial's) or `nn.AdamWeightDecay` with `param_groups`, stepping through `lr`.
+def create_optimizer(net: nn.Cell, name: str, lr_schedule: Sequence[float], *, weight_decay: float = 0.0,
+                     layer_decay: float = 1.0, momentum: float = 0.9, nesterov: bool = False,
+                     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> nn.Optimizer:
+    """The optimizer over `param_groups(net, ...)`, stepping through `lr_schedule`.
+
+    "adam": `nn.Adam` (L2 decay on every parameter, the tutorial's); "adamw": `nn.AdamWeightDecay`
+    (decoupled, none on norms/biases/cls/pos); "sgd": `nn.SGD` with momentum (and Nesterov), L2 decay
+    none on norms/biases/cls/pos, as torchvision's and timm's SGD recipes.
 
     Args:
-        net: the model.
-        cfg: optimizer, beta1, beta2, eps and weight_decay.
-        lr: one learning rate per global step (see `lr_schedule`).
+        net: the ViT.
+        name: one of `OPTIMIZERS`.
+        lr_schedule: the base learning rate per optimizer step.
+        weight_decay, layer_decay: see `param_groups`.
+        momentum, nesterov: SGD only.
+        beta1, beta2, eps: Adam/AdamW only.
     """
-    lr = ms.Tensor(np.asarray(lr, np.float32))
-    if cfg.optimizer == "adam":
-        return nn.Adam(net.trainable_params(), learning_rate=lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay)
-    return nn.AdamWeightDecay(param_groups(net, cfg.weight_decay), learning_rate=lr, beta1=cfg.beta1,
-                              beta2=cfg.beta2, eps=cfg.eps)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not one of {list(OPTIMIZERS)} (flag --optimizer)")
+    groups = param_groups(net, lr_schedule, layer_decay, weight_decay, decay_all=name == "adam")
+    base = ms.Tensor(np.asarray(lr_schedule, np.float32))  # every group overrides it
+    if name == "adam":
+        return nn.Adam(groups, learning_rate=base, beta1=beta1, beta2=beta2, eps=eps)
+    if name == "adamw":
+        return nn.AdamWeightDecay(groups, learning_rate=base, beta1=beta1, beta2=beta2, eps=eps)
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov needs momentum > 0 (flags --nesterov, --momentum)")
+    return nn.SGD(groups, learning_rate=base, momentum=momentum, nesterov=nesterov)
 
 
-__all__ = ["CrossEntropySmooth", "lr_schedule", "param_groups", "build_optimizer", "NO_DECAY_NAMES"]
+# ---------------------------------------------------------------------------------------------------------
+# Frozen backbone and recomputation
+# ---------------------------------------------------------------------------------------------------------
+
+def freeze_backbone(net: nn.Cell, train_final_norm: bool = False) -> List[str]:
+    """Make only the head (and optionally the final norm) trainable: a linear probe.
+
+    Build the optimizer afterwards: it takes `net.trainable_params()`. Returns the trainable names.
+
+    Args:
+        net: the ViT.
+        train_final_norm: also train `norm.gamma` / `norm.beta`.
+    """
+    trainable = ("head.", "norm.") if train_final_norm else ("head.",)
+    names = []
+    for param in net.get_parameters():
+        param.requires_grad = param.name.startswith(trainable)
+        if param.requires_grad:
+            names.append(param.name)
+    if not names:
+        raise ValueError("freeze_backbone found no parameter named head.* to train; is this a vit_ms ViT?")
+    logger.info("frozen backbone: training %s only", ", ".join(names))
+    return names
+
+
+def apply_recompute(net: nn.Cell) -> nn.Cell:
+    """Recompute each encoder block's activations in the backward pass instead of keeping them.
+
+    `Cell.recompute()` per block (graph mode): only each block's input stays alive between forward and
+    backward, the memory of its attention maps and MLP activations is traded for a second forward pass.
+    """
+    for block in net.blocks:
+        block.recompute()
+    return net
+
+
+__all__ = ["SoftCrossEntropy", "CrossEntropySmooth", "lr_schedule", "layer_id", "layer_scale", "param_groups",
+           "create_optimizer", "freeze_backbone", "apply_recompute", "NO_DECAY_NAMES"]

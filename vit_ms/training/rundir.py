@@ -4,7 +4,8 @@
     train.log       everything logged on the console (one line per epoch; no progress bars)
     metrics.jsonl   one line per finished epoch (see `EpochRecorder` for the fields)
     last.ckpt       weights + optimizer state + metadata, rewritten atomically after every epoch
-    best.ckpt       weights + metadata of the epoch with the best val top-1
+    best.ckpt       weights + metadata of the epoch with the best val top-1 (trained or EMA weights)
+    ema.ckpt        the model EMA's weights + metadata after the last epoch (with --ema_decay)
     curves.png      loss and accuracy per epoch, drawn when training ends
 
 A new run never writes into a folder that holds another run: it is refused with a message naming
@@ -30,9 +31,10 @@ METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 LAST_CKPT = "last.ckpt"
 BEST_CKPT = "best.ckpt"
+EMA_CKPT = "ema.ckpt"
 CURVES_FILE = "curves.png"
 # What a run leaves in its folder (followups add eval/, infer/, vit.mindir); any of them marks a run.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, LOG_FILE, LAST_CKPT, BEST_CKPT, CURVES_FILE, "vit.mindir",
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, LOG_FILE, LAST_CKPT, BEST_CKPT, EMA_CKPT, CURVES_FILE, "vit.mindir",
              "vit.mindir.json")
 RUN_FOLDERS = ("eval", "infer")
 
@@ -201,6 +203,6 @@ class RunLogging:
         self.package.propagate = True
 
 
-__all__ = ["METRICS_FILE", "LOG_FILE", "LAST_CKPT", "BEST_CKPT", "CURVES_FILE", "RunFolderError",
+__all__ = ["METRICS_FILE", "LOG_FILE", "LAST_CKPT", "BEST_CKPT", "EMA_CKPT", "CURVES_FILE", "RunFolderError",
            "resume_command", "check_run_folder", "existing_run_files", "prepare_run_folder", "write_config",
            "read_metrics", "write_metrics", "append_metrics", "trim_metrics", "RunLogging"]

@@ -15,7 +15,10 @@ Wiring, for a train split of encoded image bytes and int32 labels::
     dataset = dataset.map(ops, input_columns="image").batch(batch_size, drop_remainder=True)
     dataset = add_batch_mixup(dataset, MixupCutmix(num_classes, 0.8, 1.0, label_smoothing=0.1, seed=0))
     # the "label" column is now float32 (B, num_classes); train with a loss that takes soft targets
-    # (vit_ms.optim_extras.SoftCrossEntropy).
+    # (vit_ms.training.optim.SoftCrossEntropy).
+
+`create_dataset(..., augmentation={...})` applies `train_augmentations` with those options to the train
+split; the training loop adds Mixup/CutMix (`vit_ms.training.loop`).
 """
 from __future__ import annotations
 
@@ -25,25 +28,14 @@ import numpy as np
 
 import mindspore.dataset.vision as vision
 
-from .config import Preprocess
+from ..config import Preprocess
+from .pipeline import _interpolation  # the one interpolation table of the pipelines
 
 AUTO_AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
-# Kept beside data's own table until the merge puts both in vit_ms/data/ (one table then).
-_INTERPOLATIONS = {"nearest": vision.Inter.NEAREST, "bilinear": vision.Inter.BILINEAR,
-                   "bicubic": vision.Inter.BICUBIC, "area": vision.Inter.AREA,
-                   "lanczos": vision.Inter.ANTIALIAS}
 # RandAugment magnitude on timm's 0..10 scale ("rand-m9-n2"): MindSpore, like torchvision, picks the
 # magnitude from `num_magnitude_bins` evenly spaced values in [0, max], so 11 bins make magnitude 9 mean
 # 0.9 of each op's range, as timm's m9 does (torchvision's default 31 bins would make it 9/30).
 _RA_MAGNITUDE_BINS = 11
-
-
-def _interpolation(preprocess: Preprocess):
-    try:
-        return _INTERPOLATIONS[preprocess.interpolation]
-    except KeyError:
-        raise ValueError(f"Preprocess.interpolation {preprocess.interpolation!r} is not supported; "
-                         f"choose one of {sorted(_INTERPOLATIONS)}") from None
 
 
 def policy_op(name: str, preprocess: Preprocess, ra_num_ops: int = 2, ra_magnitude: int = 9):
@@ -130,7 +122,7 @@ def train_augmentations(preprocess: Preprocess, *, auto_augment: str = "none", r
 
 def smooth_one_hot(labels: np.ndarray, num_classes: int, smoothing: float = 0.0) -> np.ndarray:
     """Int labels (B,) -> float32 targets (B, C): on = 1 - s, off = s / (C - 1), the project's convention
-    (the loss's `CrossEntropySmooth`; timm spreads s over all C classes instead: off = s / C)."""
+    (the loss's, `vit_ms.training.optim.SoftCrossEntropy`; timm spreads s over all C classes instead: off = s / C)."""
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")

@@ -5,6 +5,8 @@ The averages are MindSpore Parameters named "ema.<weight name>", so a train cell
 saves them into last.ckpt with the weights and optimizer state and `load_param_into_net` restores them on
 resume, by name. `copy_to(net)` puts the averages into a model (e.g. an evaluation copy), and
 `ema_state()` returns them under the model's own names, ready for `ms.save_checkpoint` as ema.ckpt.
+`EmaEvaluator` scores the averages on the val split once per epoch (the training loop's best.ckpt takes
+them when they score higher than the trained weights).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Dict
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.train import Model
 
 EMA_PREFIX = "ema"
 
@@ -62,4 +65,28 @@ class ModelEMA(nn.Cell):
             average.set_data(weight.value().copy())
 
 
-__all__ = ["ModelEMA", "EMA_PREFIX"]
+class EmaEvaluator:
+    """Evaluates a `ModelEMA`'s averages: copies them into a second model of the same architecture and runs
+    `Model.eval` on a val pipeline of its own (the training `Model` keeps iterating its own).
+
+    Args:
+        ema: the averages.
+        net: a second model (same config as the trained one), receiving the averages.
+        eval_net: `net` with its loss, returning (loss, logits, labels).
+        metrics: fresh metric objects, e.g. {"top1": TopKCategoricalAccuracy(1)}.
+        val_dataset: batches of (image, int label).
+    """
+
+    def __init__(self, ema: ModelEMA, net: nn.Cell, eval_net: nn.Cell, metrics: dict, val_dataset):
+        self.ema = ema
+        self.net = net
+        self.model = Model(net, eval_network=eval_net, eval_indexes=[0, 1, 2], metrics=metrics)
+        self.val_dataset = val_dataset
+
+    def evaluate(self) -> dict:
+        """The metrics of the current averages, e.g. {"top1": 0.9, "eval_loss": 0.3}; `net` then holds them."""
+        self.ema.copy_to(self.net)
+        return self.model.eval(self.val_dataset, dataset_sink_mode=False)
+
+
+__all__ = ["ModelEMA", "EMA_PREFIX", "EmaEvaluator"]
