@@ -245,8 +245,6 @@ def worker(args) -> dict:
 # --- the interleaved driver ----------------------------------------------------------------------
 
 def measure(args, framework, preset, batch, task) -> dict:
-    from vit_ms import get_config
-
     cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--presets", preset,
            "--batches", str(batch), "--tasks", task, "--iters", str(args.iters), "--warmup", str(args.warmup),
            "--image-size", str(args.image_size), "--threads", str(args.threads)]
@@ -255,8 +253,13 @@ def measure(args, framework, preset, batch, task) -> dict:
     if args.compile_cache:
         cmd += ["--compile-cache", str(args.compile_cache)]
     if framework == "onnxruntime":
-        cmd += ["--onnx-model", str(export_onnx(get_config(preset, image_size=args.image_size),
-                                                Path(args.scratch) / "onnx" / f"{preset}_{args.image_size}.onnx"))]
+        onnx_model = Path(args.scratch) / "onnx" / f"{preset}_{args.image_size}.onnx"
+        if not onnx_model.is_file():
+            # In its own process: a child inherits its parent's peak RSS (Linux keeps ru_maxrss across
+            # fork and exec), so the driver must stay small for the workers' figures to be their own.
+            subprocess.run([sys.executable, __file__, "--export-onnx", str(onnx_model), "--presets", preset,
+                            "--image-size", str(args.image_size)], check=True, timeout=args.timeout)
+        cmd += ["--onnx-model", str(onnx_model)]
     env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
     # The worker runs in a scratch dir: MindSpore's graph compiler drops rank_0/ and kernel_meta/ there.
     scratch = Path(args.scratch)
@@ -373,6 +376,7 @@ def parse_args(argv=None):
     p.add_argument("--output", type=Path, help="write the full report (every sample) as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--onnx-model", help=argparse.SUPPRESS)
+    p.add_argument("--export-onnx", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--framework", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = sorted(set(args.frameworks) - set(FRAMEWORKS))
@@ -387,6 +391,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_onnx:
+        from vit_ms import get_config
+        export_onnx(get_config(args.presets[0], image_size=args.image_size), args.export_onnx)
+        return
     if args.worker:
         args.preset, args.batch, args.task = args.presets[0], args.batches[0], args.tasks[0]
         print(json.dumps(worker(args)))
