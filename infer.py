@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         classifier = load_classifier(args.checkpoint, mindir=args.mindir, model=args.model,
-                                     pretrained=args.pretrained, num_classes=args.num_classes)
+                                     pretrained=args.pretrained, num_classes=args.num_classes,
+                                     cache_graphs=True)  # this process compiles only the classifier's graphs
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         logging.error("%s", error)
         return 1

@@ -117,10 +117,10 @@ import json, os, sys
 import numpy as np
 import mindspore as ms
 from vit_ms.evaluate import load_classifier, run_batch
-ckpt, mode = sys.argv[1], sys.argv[2]
+ckpt, mode, cache = sys.argv[1], sys.argv[2], sys.argv[3] == "cache"
 ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-classifier = load_classifier(ckpt)
+classifier = load_classifier(ckpt, cache_graphs=cache)
 x = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
 print(json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH"),
                   "logits": run_batch(classifier, x).tolist()}))
@@ -128,8 +128,9 @@ print(json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH"),
 
 
 def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
-    """eval.py and infer.py get the cache through `load_classifier`: in graph mode, keyed by the model and
-    the script's option names (which change the graphs compiled), and not at all in PyNative."""
+    """eval.py and infer.py get the cache through `load_classifier(cache_graphs=True)`: in graph mode, keyed
+    by the model and the script's option names (which change the graphs compiled); not in PyNative, and
+    not unless asked (the cache is process-wide)."""
     from vit_ms import create_model
     from vit_ms.checkpoint import make_metadata, save_checkpoint
 
@@ -149,12 +150,13 @@ def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    cold = run("graph")
+    assert run("graph", "no-cache")["folder"] is None
+    cold = run("graph", "cache")
     folder = Path(cold["folder"])
     assert folder.parent == tmp_path / "home" / "graphs"
     assert list(folder.rglob("*.mindir")), "no graph was cached"
-    warm = run("graph")
+    warm = run("graph", "cache")
     assert warm == cold  # same folder, the same logits from the cached graph
-    other = run("graph", "--attention")
+    other = run("graph", "cache", "--attention")
     assert other["folder"] != cold["folder"]
-    assert run("pynative")["folder"] is None
+    assert run("pynative", "cache")["folder"] is None

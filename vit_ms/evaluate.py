@@ -101,7 +101,7 @@ class Classifier:
 
 
 def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None, pretrained=None,
-                    num_classes: Optional[int] = None) -> Classifier:
+                    num_classes: Optional[int] = None, cache_graphs: bool = False) -> Classifier:
     """Build a `Classifier` from exactly one source, in eval mode.
 
     Args:
@@ -111,6 +111,11 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
         pretrained: weights without vit_ms metadata (the tutorial's ckpt, timm, torchvision, ...), loaded
             with `vit_ms.checkpoint.load_weights`; preprocessing is the preset's default (ImageNet).
         num_classes: with `model`, the head width if not the preset's 1000.
+        cache_graphs: keep the graphs this process compiles for the next run of the same command
+            (`vit_ms.graph_cache`, graph mode only), what eval.py and infer.py ask for. MindSpore's cache
+            is process-wide and files graphs by the order they compile in, so only a process that compiles
+            nothing but this classifier's graphs should turn it on (not a test run, not training's
+            in-process follow-ups, not export).
 
     Raises:
         FileNotFoundError: naming the file that is missing (the model file before its sidecar).
@@ -173,7 +178,8 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
         from .model import set_dynamic_batch
 
         set_dynamic_batch(net, config)  # graph mode: one compile for every batch size (the last is short)
-        _cache_compiled_graphs(config)
+        if cache_graphs:
+            _cache_compiled_graphs(config)
     return Classifier(net=net, config=config, preprocess=preprocess, class_names=class_names,
                       labels=readable_class_names(class_names, config.num_classes), source=source,
                       fixed_batch=fixed_batch)
