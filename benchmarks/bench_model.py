@@ -24,6 +24,7 @@ the graph compile alone (`Cell.compile`); "first call" adds the first step to it
     python benchmarks/bench_model.py --presets vit_s_16 --batches 16 --tasks infer --repeats 1
     python benchmarks/bench_model.py --tasks infer --frameworks mindspore,torch,onnxruntime
     python benchmarks/bench_model.py --presets vit_b_16 --image-size 384 --batches 8   # 577 tokens
+    python benchmarks/bench_model.py --profile --presets vit_s_16 --batches 16 --tasks train  # time per op
 
 PyTorch, onnx and onnxruntime are benchmark-time dependencies only; vit_ms never imports them.
 """
@@ -244,6 +245,73 @@ def worker(args) -> dict:
             "peak_rss_mb": peak_rss_mb, "import_rss_mb": import_rss_mb, "rebatch_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+# --- where a MindSpore step's time goes ----------------------------------------------------------
+
+_PARTS = (  # (substring of MindSpore's full op name, part), first match wins
+    ("FusedLinear", "Dense layers (oneDNN sgemm + bias), forward and backward"),
+    ("PatchProjection/Custom-op1", "Dense layers (oneDNN sgemm + bias), forward and backward"),
+    ("Gradients/", None),  # the backward of the parts below: matched again without the prefix
+    ("AttentionCore/Custom-op0", "attention products q k^T, probs v (sgemm), forward"),
+    ("AttentionCore/Custom-op2", "attention products q k^T, probs v (sgemm), forward"),
+    ("AttentionCore/Custom-op1", "softmax, forward"),
+    ("AttentionCore", "attention products and softmax, backward"),
+    ("LayerNorm", "LayerNorm"),
+    ("GELU", "GELU"),
+    ("AddN", "AddN (gradient sums)"),
+    ("_loss_fn", "loss"),
+    ("Adam", "AdamWeightDecay"),
+    ("Assign", "AdamWeightDecay"),
+)
+
+
+def _part(name: str) -> str:
+    for key, part in _PARTS:
+        if key in name:
+            if part is None:
+                continue
+            return part
+    last = name.split("/")[-1].split("-")[0]
+    return "Add (residuals, position embedding)" if last == "Add" else f"other ({last})"
+
+
+def profile(args) -> str:
+    """Time per part of one MindSpore step (MindSpore's profiler, 2 steps after 2 untimed ones), as Markdown."""
+    import csv
+    import glob
+    import tempfile
+
+    import mindspore as ms
+    from vit_ms import get_config
+
+    config = get_config(args.presets[0], image_size=args.image_size)
+    step, to_tensor, to_numpy, _ = _mindspore_step(config, args.tasks[0], True, False, False, None)
+    rng = np.random.default_rng(0)
+    batch = args.batches[0]
+    x = to_tensor(rng.standard_normal((batch, config.in_channels, config.image_size, config.image_size),
+                                      dtype=np.float32))
+    y = to_tensor(rng.integers(0, config.num_classes, batch).astype(np.int32))
+    for _ in range(2):
+        to_numpy(step(x, y))
+    out = tempfile.mkdtemp(prefix="bench_profile_", dir=args.scratch)
+    profiler = ms.Profiler(output_path=out)
+    t = time.perf_counter()
+    for _ in range(2):
+        to_numpy(step(x, y))
+    wall = (time.perf_counter() - t) / 2
+    profiler.analyse()
+    parts: dict = {}
+    for path in glob.glob(f"{out}/**/cpu_op_detail_info_0.csv", recursive=True):
+        for row in csv.DictReader(open(path)):
+            part = _part(row["full_op_name"])
+            parts[part] = parts.get(part, 0.0) + float(row["op_total_time(ms)"]) / 2
+    total = sum(parts.values())
+    lines = [f"{args.presets[0]} {args.tasks[0]} batch {batch}, {cpu_label()}: {total:.0f} ms of op time per "
+             f"step, {wall * 1000:.0f} ms wall", "", "| part | ms per step | share |", "|---|---|---|"]
+    lines += [f"| {part} | {ms_:.0f} | {100 * ms_ / total:.1f} % |"
+              for part, ms_ in sorted(parts.items(), key=lambda kv: -kv[1]) if ms_ >= 1]
+    return "\n".join(lines)
+
+
 # --- the interleaved driver ----------------------------------------------------------------------
 
 def measure(args, framework, preset, batch, task) -> dict:
@@ -380,6 +448,9 @@ def parse_args(argv=None):
     p.add_argument("--scratch", default="outputs/bench_scratch",
                    help="working dir for the worker processes (MindSpore writes compiler files there)")
     p.add_argument("--output", type=Path, help="write the full report (every sample) as JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: MindSpore's profiler on one vit_ms step of the first preset/batch/task, "
+                        "time per part (Dense sgemm, attention, LayerNorm, ...)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--onnx-model", help=argparse.SUPPRESS)
     p.add_argument("--export-onnx", type=Path, help=argparse.SUPPRESS)
@@ -400,6 +471,9 @@ def main(argv=None):
     if args.export_onnx:
         from vit_ms import get_config
         export_onnx(get_config(args.presets[0], image_size=args.image_size), args.export_onnx)
+        return
+    if args.profile:
+        print(profile(args))
         return
     if args.worker:
         args.preset, args.batch, args.task = args.presets[0], args.batches[0], args.tasks[0]
