@@ -2,8 +2,6 @@
 // ViT-S step), and x w^T + b with its backward on oneDNN's sgemm where the MindSpore wheel ships oneDNN.
 #include "common.h"
 
-#include <cstdlib>
-
 static void add_bias_rows(const float *__restrict x, const float *__restrict b, float *__restrict y,
                                         int64_t rows, int64_t d) {
   for (int64_t r = 0; r < rows; ++r)
@@ -50,18 +48,6 @@ sgemm_fn dnnl_sgemm_fn() {
   return fn;
 }
 
-// Row blocks per OpenMP thread ($VIT_MS_SGEMM_SPLIT, default 1: one contiguous block each). More blocks,
-// handed out dynamically, let a thread that the OS descheduled on a shared machine hold up less of the
-// op, at the cost of packing op(B) once per block.
-static int64_t blocks_per_thread() {
-  static const int64_t blocks = [] {
-    const char *text = std::getenv("VIT_MS_SGEMM_SPLIT");
-    const long long value = text == nullptr ? 1 : std::atoll(text);
-    return static_cast<int64_t>(value < 1 ? 1 : value);
-  }();
-  return blocks;
-}
-
 // Row-major C[m, n] = alpha op(A) op(B) + beta C, output rows split over the OpenMP threads. `a_row`
 // is the distance in A between consecutive rows of op(A) (lda without a transpose, 1 with one).
 static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
@@ -69,18 +55,7 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
   const sgemm_fn sgemm = dnnl_sgemm_fn();
   if (sgemm == nullptr) return 1;
   int status = 0;
-  if (blocks_per_thread() == 1) {
-    PARALLEL_ROWS(m, if (nr > 0 && sgemm(ta, tb, nr, n, k, 1.0f, a + r0 * a_row, lda, b, ldb, beta, c + r0 * n, n) != 0) status = 1)
-    return status;
-  }
-  const int64_t wanted = static_cast<int64_t>(omp_get_max_threads()) * blocks_per_thread();
-  const int64_t chunk = (m + wanted - 1) / wanted;
-  const int64_t count = chunk == 0 ? 0 : (m + chunk - 1) / chunk;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : status)
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t r0 = i * chunk, nr = m - r0 < chunk ? m - r0 : chunk;
-    if (sgemm(ta, tb, nr, n, k, 1.0f, a + r0 * a_row, lda, b, ldb, beta, c + r0 * n, n) != 0) status = 1;
-  }
+  PARALLEL_ROWS(m, if (nr > 0 && sgemm(ta, tb, nr, n, k, 1.0f, a + r0 * a_row, lda, b, ldb, beta, c + r0 * n, n) != 0) status = 1)
   return status;
 }
 
