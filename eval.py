@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         classifier = load_classifier(args.checkpoint, model=args.model, pretrained=args.pretrained,
-                                     num_classes=args.num_classes)
+                                     num_classes=args.num_classes, cache_graphs=True)
         result = evaluate_folder(classifier, args.data_path, args.split, args.batch_size, args.num_workers)
     except (ValueError, FileNotFoundError, RuntimeError, DatasetError) as error:
         logging.error("%s", error)

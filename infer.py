@@ -72,11 +72,13 @@ def main(argv=None) -> int:
             parser.error(refusal)
 
     ms.set_device(args.device_target)
-    # PyNative: no graph compile to wait for (measured: no slower than graph mode for a ViT forward on CPU).
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    # Graph mode: 5-10x PyNative's images/s at batch 1 on CPU (notes/perf.md), and load_classifier keeps
+    # the compiled graph for the next run (vit_ms.graph_cache), so a repeated command barely compiles.
+    ms.set_context(mode=ms.GRAPH_MODE)
     try:
         classifier = load_classifier(args.checkpoint, mindir=args.mindir, model=args.model,
-                                     pretrained=args.pretrained, num_classes=args.num_classes)
+                                     pretrained=args.pretrained, num_classes=args.num_classes,
+                                     cache_graphs=True)  # this process compiles only the classifier's graphs
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         logging.error("%s", error)
         return 1

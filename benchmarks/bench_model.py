@@ -1,20 +1,32 @@
-"""Benchmark vit_ms against an equivalent PyTorch ViT on this machine: images/s, first-call time, peak RSS.
+"""Benchmark vit_ms against PyTorch and onnxruntime on this machine: images/s, GFLOP/s, first call, peak RSS.
 
-Inference and one training step (cross-entropy + AdamW) for each preset and batch size, MindSpore
-graph mode and PyTorch eager side by side. `mindspore` compiles for the batch size it is given (as
-training with `drop_remainder` does); `mindspore-dynamic` declares a dynamic batch dimension
-(`vit_ms.set_dynamic_batch`: one graph for every batch size); `mindspore-plain` is `fast=False`.
-Every measurement runs in its own subprocess, so peak RSS (`ru_maxrss`) is that framework's alone, and the frameworks alternate round by
-round, so a noisy machine slows both alike and the ratio holds. GFLOP/s is counted from the model's
-matrix products (forward 1x, training 3x) and compared with this machine's float32 GEMM peak, measured
-with NumPy. MindSpore's "compile" is the graph compile alone (`Cell.compile`); "first call" adds the
-first step to it. With `--compile-cache DIR` a second run of the same command times a warm start.
+Inference and one training step (cross-entropy + AdamW) for each preset and batch size, side by side:
+
+- `mindspore`: graph mode, compiled for the batch size it is given (as training with `drop_remainder`);
+  `mindspore-dynamic` declares a dynamic batch dimension (`vit_ms.set_dynamic_batch`: one graph for
+  every batch size, what eval.py and infer.py run); `mindspore-pynative` is the same network in
+  PyNative mode (no graph compile); `mindspore-plain` is `fast=False` (MindSpore's built-in ops).
+- `torch`: the tests' PyTorch reference ViT (`tests/torch_reference.py`), eager.
+- `onnxruntime` (inference only): that same PyTorch model exported with `torch.onnx.export` (so the same
+  weights as `torch`), run by onnxruntime's CPU provider with its default threads.
+
+Every measurement runs in its own subprocess, so peak RSS (`ru_maxrss`) is that framework's alone; it is
+split into what importing the framework costs and what the model, its activations and compiled graphs add.
+The frameworks alternate round by round (the order reversed every other round), so a noisy machine slows
+all alike; each figure is the median over rounds, and "spread" is (max - min) / median of images/s over
+them. GFLOP/s counts the model's matrix products (forward 1x, training 3x) against the float32 GEMM
+peak NumPy reaches, measured in the same run. Each table names the CPU and its widest vector ISA (AVX2 or
+AVX-512, from /proc/cpuinfo): the fused kernels take different paths on each. MindSpore's "compile" is
+the graph compile alone (`Cell.compile`); "first call" adds the first step to it. With
+`--compile-cache DIR` a second run of the same command times a warm start.
 
     python benchmarks/bench_model.py                                   # Ti/S/B at 224, batch 1 and 16
     python benchmarks/bench_model.py --presets vit_s_16 --batches 16 --tasks infer --repeats 1
-    python benchmarks/bench_model.py --frameworks mindspore,mindspore-plain,torch --output out.json
+    python benchmarks/bench_model.py --tasks infer --frameworks mindspore,torch,onnxruntime
+    python benchmarks/bench_model.py --presets vit_b_16 --image-size 384 --batches 8   # 577 tokens
+    python benchmarks/bench_model.py --profile --presets vit_s_16 --batches 16 --tasks train  # time per op
 
-PyTorch is a benchmark-time dependency only (`pip install torch`); vit_ms never imports it.
+PyTorch, onnx and onnxruntime are benchmark-time dependencies only; vit_ms never imports them.
 """
 from __future__ import annotations
 
@@ -33,7 +45,8 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("bench_model")
-FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-plain", "torch")
+FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-pynative", "mindspore-plain", "torch", "onnxruntime")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- what a ViT costs ----------------------------------------------------------------------------
@@ -59,12 +72,29 @@ def sgemm_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
     return best
 
 
+def cpu_label() -> str:
+    """The CPU's model name and widest vector ISA the fused kernels can use, e.g. "AMD EPYC (AVX2, no AVX-512)"."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    name, flags = platform.machine(), set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == platform.machine():
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa}), {os.cpu_count()} logical CPUs"
+
+
 # --- one measurement, in a fresh process ---------------------------------------------------------
 
 def _torch_vit(config):
     """The same ViT from torch.nn parts: the tests' reference (`tests/torch_reference.py`), with
     torch.nn.MultiheadAttention doing the attention."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from torch_reference import TorchViT
 
     return TorchViT(config)
@@ -93,13 +123,44 @@ def _torch_step(config, task):
     return step, lambda a: torch.from_numpy(a), lambda out: out.detach().numpy(), None
 
 
-def _mindspore_step(config, task, fast, dynamic, memory, compile_cache):
+def export_onnx(config, path: Path) -> Path:
+    """The PyTorch model (seed 0, as `torch` runs it) as ONNX with a dynamic batch, once per config."""
+    import torch
+
+    if path.is_file():
+        return path
+    torch.manual_seed(0)
+    net = _torch_vit(config).eval()
+    x = torch.zeros(1, config.in_channels, config.image_size, config.image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    # dynamo=False: the TorchScript exporter, which needs only the `onnx` package (the dynamo one also
+    # needs onnxscript). https://docs.pytorch.org/docs/stable/onnx_torchscript.html
+    torch.onnx.export(net, (x,), str(tmp), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
+    tmp.rename(path)
+    return path
+
+
+def _onnx_step(model_path: str):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+
+    def step(x, y):
+        return session.run(None, {"images": x})[0]
+
+    return step, (lambda a: a), (lambda out: out), None
+
+
+def _mindspore_step(config, task, fast, dynamic, memory, compile_cache, pynative=False):
     import mindspore as ms
     from mindspore import nn
     from vit_ms import create_model, set_dynamic_batch
 
     ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_context(mode=ms.PYNATIVE_MODE if pynative else ms.GRAPH_MODE)
     if memory:
         ms.set_context(memory_optimize_level="O1")
     if compile_cache:
@@ -115,8 +176,9 @@ def _mindspore_step(config, task, fast, dynamic, memory, compile_cache):
         step.set_train(True)
         run = set_dynamic_batch(step, config, labels=True) if dynamic else step
     if task == "infer":
-        return (lambda x, y: run(x)), (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy()), (lambda x, y: run.compile(x))
-    return run, (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy()), run.compile
+        compile_step = None if pynative else (lambda x, y: run.compile(x))
+        return (lambda x, y: run(x)), (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy()), compile_step
+    return run, (lambda a: ms.Tensor(a)), (lambda out: out.asnumpy()), None if pynative else run.compile
 
 
 def worker(args) -> dict:
@@ -124,23 +186,34 @@ def worker(args) -> dict:
     from vit_ms import get_config
 
     config = get_config(args.preset, image_size=args.image_size)
+    # Peak RSS right after importing the framework: what the import alone costs, before any model exists.
     if args.framework == "torch":
         import torch
+    elif args.framework == "onnxruntime":
+        import onnxruntime  # noqa: F401
+    else:
+        import mindspore  # noqa: F401
+    import_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.framework == "torch":
         if args.threads:
             torch.set_num_threads(args.threads)
         step, to_tensor, to_numpy, compile_step = _torch_step(config, args.task)
+    elif args.framework == "onnxruntime":
+        step, to_tensor, to_numpy, compile_step = _onnx_step(args.onnx_model)
     else:
         cache = None
         if args.compile_cache:
             cache = str(Path(args.compile_cache) / f"{args.framework}_{args.preset}_b{args.batch}_{args.task}")
         step, to_tensor, to_numpy, compile_step = _mindspore_step(
             config, args.task, args.framework != "mindspore-plain", args.framework == "mindspore-dynamic",
-            args.memory_optimize, cache)
+            args.memory_optimize, cache, pynative=args.framework == "mindspore-pynative")
     rng = np.random.default_rng(0)
 
     def batch(size):
         x = rng.standard_normal((size, config.in_channels, config.image_size, config.image_size), dtype=np.float32)
         y = rng.integers(0, config.num_classes, size).astype(np.int64 if args.framework == "torch" else np.int32)
+        if args.framework == "onnxruntime":
+            return x, y
         return to_tensor(x), to_tensor(y)
 
     x, y = batch(args.batch)
@@ -160,14 +233,83 @@ def worker(args) -> dict:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before a second graph exists
     # A different batch size: a plain step with a dynamic batch dimension, a recompile without one.
     other = max(1, args.batch // 2) if args.batch > 1 else 2
-    x2, y2 = batch(other)
-    t = time.perf_counter()
-    to_numpy(step(x2, y2))
-    rebatch = time.perf_counter() - t
+    rebatch = float("nan")
+    if not args.skip_rebatch:
+        x2, y2 = batch(other)
+        t = time.perf_counter()
+        to_numpy(step(x2, y2))
+        rebatch = time.perf_counter() - t
     step_s = statistics.median(times)
     return {"images_per_s": args.batch / step_s, "step_s": step_s, "first_call_s": first_call, "compile_s": compile_s,
             "rebatch_call_s": rebatch, "rebatch_size": other,
-            "peak_rss_mb": peak_rss_mb, "rebatch_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb, "import_rss_mb": import_rss_mb, "rebatch_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# --- where a MindSpore step's time goes ----------------------------------------------------------
+
+_PARTS = (  # (substring of MindSpore's full op name, part), first match wins
+    ("FusedLinear", "Dense layers (oneDNN sgemm + bias), forward and backward"),
+    ("PatchProjection/Custom-op1", "Dense layers (oneDNN sgemm + bias), forward and backward"),
+    ("Gradients/", None),  # the backward of the parts below: matched again without the prefix
+    ("AttentionCore/Custom-op0", "attention products q k^T, probs v (sgemm), forward"),
+    ("AttentionCore/Custom-op2", "attention products q k^T, probs v (sgemm), forward"),
+    ("AttentionCore/Custom-op1", "softmax, forward"),
+    ("AttentionCore", "attention products and softmax, backward"),
+    ("LayerNorm", "LayerNorm"),
+    ("GELU", "GELU"),
+    ("AddN", "AddN (gradient sums)"),
+    ("_loss_fn", "loss"),
+    ("Adam", "AdamWeightDecay"),
+    ("Assign", "AdamWeightDecay"),
+)
+
+
+def _part(name: str) -> str:
+    for key, part in _PARTS:
+        if key in name:
+            if part is None:
+                continue
+            return part
+    last = name.split("/")[-1].split("-")[0]
+    return "Add (residuals, position embedding)" if last == "Add" else f"other ({last})"
+
+
+def profile(args) -> str:
+    """Time per part of one MindSpore step (MindSpore's profiler, 2 steps after 2 untimed ones), as Markdown."""
+    import csv
+    import glob
+    import tempfile
+
+    import mindspore as ms
+    from vit_ms import get_config
+
+    config = get_config(args.presets[0], image_size=args.image_size)
+    step, to_tensor, to_numpy, _ = _mindspore_step(config, args.tasks[0], True, False, False, None)
+    rng = np.random.default_rng(0)
+    batch = args.batches[0]
+    x = to_tensor(rng.standard_normal((batch, config.in_channels, config.image_size, config.image_size),
+                                      dtype=np.float32))
+    y = to_tensor(rng.integers(0, config.num_classes, batch).astype(np.int32))
+    for _ in range(2):
+        to_numpy(step(x, y))
+    out = tempfile.mkdtemp(prefix="bench_profile_", dir=args.scratch)
+    profiler = ms.Profiler(output_path=out)
+    t = time.perf_counter()
+    for _ in range(2):
+        to_numpy(step(x, y))
+    wall = (time.perf_counter() - t) / 2
+    profiler.analyse()
+    parts: dict = {}
+    for path in glob.glob(f"{out}/**/cpu_op_detail_info_0.csv", recursive=True):
+        for row in csv.DictReader(open(path)):
+            part = _part(row["full_op_name"])
+            parts[part] = parts.get(part, 0.0) + float(row["op_total_time(ms)"]) / 2
+    total = sum(parts.values())
+    lines = [f"{args.presets[0]} {args.tasks[0]} batch {batch}, {cpu_label()}: {total:.0f} ms of op time per "
+             f"step, {wall * 1000:.0f} ms wall", "", "| part | ms per step | share |", "|---|---|---|"]
+    lines += [f"| {part} | {ms_:.0f} | {100 * ms_ / total:.1f} % |"
+              for part, ms_ in sorted(parts.items(), key=lambda kv: -kv[1]) if ms_ >= 1]
+    return "\n".join(lines)
 
 
 # --- the interleaved driver ----------------------------------------------------------------------
@@ -178,8 +320,18 @@ def measure(args, framework, preset, batch, task) -> dict:
            "--image-size", str(args.image_size), "--threads", str(args.threads)]
     if args.memory_optimize:
         cmd.append("--memory-optimize")
+    if args.skip_rebatch:
+        cmd.append("--skip-rebatch")
     if args.compile_cache:
         cmd += ["--compile-cache", str(args.compile_cache)]
+    if framework == "onnxruntime":
+        onnx_model = Path(args.scratch) / "onnx" / f"{preset}_{args.image_size}.onnx"
+        if not onnx_model.is_file():
+            # In its own process: a child inherits its parent's peak RSS (Linux keeps ru_maxrss across
+            # fork and exec), so the driver must stay small for the workers' figures to be their own.
+            subprocess.run([sys.executable, __file__, "--export-onnx", str(onnx_model), "--presets", preset,
+                            "--image-size", str(args.image_size)], check=True, timeout=args.timeout)
+        cmd += ["--onnx-model", str(onnx_model)]
     env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
     # The worker runs in a scratch dir: MindSpore's graph compiler drops rank_0/ and kernel_meta/ there.
     scratch = Path(args.scratch)
@@ -203,10 +355,12 @@ def run(args) -> dict:
         config = get_config(preset, image_size=args.image_size)
         for batch in args.batches:
             for task in args.tasks:
-                samples = {fw: [] for fw in args.frameworks}
+                # onnxruntime runs inference only (the export has no training graph).
+                frameworks = [fw for fw in args.frameworks if task == "infer" or fw != "onnxruntime"]
+                samples = {fw: [] for fw in frameworks}
                 for rep in range(args.repeats):
                     # Alternate which framework goes first, so neither always gets the quieter slot.
-                    order = args.frameworks if rep % 2 == 0 else args.frameworks[::-1]
+                    order = frameworks if rep % 2 == 0 else frameworks[::-1]
                     for fw in order:
                         result = measure(args, fw, preset, batch, task)
                         samples[fw].append(result)
@@ -215,10 +369,11 @@ def run(args) -> dict:
                                     result["compile_s"], result["first_call_s"], result["peak_rss_mb"])
                 flops = forward_flops(config) * (3 if task == "train" else 1)
                 for fw, results in samples.items():
-                    ips = statistics.median(r["images_per_s"] for r in results)
+                    rates = [r["images_per_s"] for r in results]
+                    ips = statistics.median(rates)
                     rows.append({
-                        "preset": preset, "batch": batch, "task": task, "framework": fw,
-                        "images_per_s": ips,
+                        "preset": preset, "image_size": args.image_size, "batch": batch, "task": task,
+                        "framework": fw, "images_per_s": ips, "spread": (max(rates) - min(rates)) / ips,
                         "gflop_per_s": ips * flops / 1e9,
                         "peak_fraction": ips * flops / 1e9 / peak,
                         "first_call_s": statistics.median(r["first_call_s"] for r in results),
@@ -226,39 +381,37 @@ def run(args) -> dict:
                         "rebatch_call_s": statistics.median(r["rebatch_call_s"] for r in results),
                         "step_s": statistics.median(r["step_s"] for r in results),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                        "import_rss_mb": statistics.median(r["import_rss_mb"] for r in results),
                         "samples": results,
                     })
-    return {"date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_label(),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                            "python": platform.python_version()},
             "sgemm_peak_gflops": peak, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
             "rows": rows}
 
 
 def format_table(report: dict) -> str:
-    """A Markdown table, one line per preset/batch/task, vit_ms beside PyTorch."""
+    """A Markdown table, one line per preset/batch/task/framework, with its ratio to PyTorch's line."""
     rows = report["rows"]
-    frameworks = list(dict.fromkeys(r["framework"] for r in rows))
-    head = ["model", "batch", "task"]
-    for fw in frameworks:
-        head += [f"{fw} img/s"] + ([] if fw == "torch" else [f"{fw} compile s"])
-        head += [f"{fw} first call s", f"{fw} peak RSS MB", f"{fw} GFLOP/s"]
-    if "torch" in frameworks and "mindspore" in frameworks:
-        head += ["speed vs torch", "memory vs torch"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    keys = list(dict.fromkeys((r["preset"], r["batch"], r["task"]) for r in rows))
-    for key in keys:
-        by_fw = {r["framework"]: r for r in rows if (r["preset"], r["batch"], r["task"]) == key}
-        cells = [key[0], str(key[1]), key[2]]
-        for fw in frameworks:
-            r = by_fw[fw]
-            cells += [f"{r['images_per_s']:.2f}"] + ([] if fw == "torch" else [f"{r['compile_s']:.1f}"])
-            cells += [f"{r['first_call_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['gflop_per_s']:.0f}"]
-        if "torch" in by_fw and "mindspore" in by_fw:
-            ms_r, pt = by_fw["mindspore"], by_fw["torch"]
-            cells += [f"{ms_r['images_per_s'] / pt['images_per_s']:.2f}x",
-                      f"{ms_r['peak_rss_mb'] / pt['peak_rss_mb']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nfloat32 GEMM peak (NumPy): {report['sgemm_peak_gflops']:.0f} GFLOP/s")
+    peak = report["sgemm_peak_gflops"]
+    lines = [f"CPU: {report['cpu']}; float32 GEMM peak (NumPy, same run): {peak:.0f} GFLOP/s; "
+             f"medians of {report['settings']['repeats']} interleaved rounds",
+             "",
+             "| model | px | batch | task | framework | img/s | spread | vs torch | GFLOP/s | % of GEMM peak "
+             "| compile s | first call s | RSS after import MB | peak RSS MB | held beyond import MB |",
+             "|" + "---|" * 15]
+    torch_rows = {(r["preset"], r["image_size"], r["batch"], r["task"]): r for r in rows if r["framework"] == "torch"}
+    for r in rows:
+        ref = torch_rows.get((r["preset"], r["image_size"], r["batch"], r["task"]))
+        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
+        compile_s = f"{r['compile_s']:.1f}" if r["framework"] in ("mindspore", "mindspore-dynamic",
+                                                                   "mindspore-plain") else ""
+        lines.append(f"| {r['preset']} | {r['image_size']} | {r['batch']} | {r['task']} | {r['framework']} | "
+                     f"{r['images_per_s']:.2f} | {100 * r['spread']:.0f}% | {ratio} | {r['gflop_per_s']:.1f} | "
+                     f"{100 * r['peak_fraction']:.0f}% | {compile_s} | {r['first_call_s']:.1f} | "
+                     f"{r['import_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_rss_mb'] - r['import_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -289,11 +442,18 @@ def parse_args(argv=None):
                         "run of the same command loads the compiled graphs, so its compile column is a warm start")
     p.add_argument("--memory-optimize", action="store_true",
                    help="MindSpore memory_optimize_level=O1 (memory reuse across the graph)")
+    p.add_argument("--skip-rebatch", action="store_true",
+                   help="leave out the extra call at another batch size (saves a step on big models)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds before one measurement is abandoned")
     p.add_argument("--scratch", default="outputs/bench_scratch",
                    help="working dir for the worker processes (MindSpore writes compiler files there)")
     p.add_argument("--output", type=Path, help="write the full report (every sample) as JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: MindSpore's profiler on one vit_ms step of the first preset/batch/task, "
+                        "time per part (Dense sgemm, attention, LayerNorm, ...)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--onnx-model", help=argparse.SUPPRESS)
+    p.add_argument("--export-onnx", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--framework", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = sorted(set(args.frameworks) - set(FRAMEWORKS))
@@ -308,6 +468,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_onnx:
+        from vit_ms import get_config
+        export_onnx(get_config(args.presets[0], image_size=args.image_size), args.export_onnx)
+        return
+    if args.profile:
+        print(profile(args))
+        return
     if args.worker:
         args.preset, args.batch, args.task = args.presets[0], args.batches[0], args.tasks[0]
         print(json.dumps(worker(args)))

@@ -110,3 +110,53 @@ def test_a_cached_graph_computes_what_a_fresh_compile_computes(tmp_path):
     fresh = _run(script, 2, False, env)
     assert warm["logits"] == fresh["logits"]
     assert warm["logits"] != cold["logits"]
+
+
+_CLASSIFY = """
+import json, os, sys
+import numpy as np
+import mindspore as ms
+from vit_ms.evaluate import load_classifier, run_batch
+ckpt, mode, cache = sys.argv[1], sys.argv[2], sys.argv[3] == "cache"
+ms.set_device("CPU")
+ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+classifier = load_classifier(ckpt, cache_graphs=cache)
+x = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
+print(json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH"),
+                  "logits": run_batch(classifier, x).tolist()}))
+"""
+
+
+def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
+    """eval.py and infer.py get the cache through `load_classifier(cache_graphs=True)`: in graph mode, keyed
+    by the model and the script's option names (which change the graphs compiled); not in PyNative, and
+    not unless asked (the cache is process-wide)."""
+    from vit_ms import create_model
+    from vit_ms.checkpoint import make_metadata, save_checkpoint
+
+    net = create_model("vit_ti_16", num_classes=5, image_size=32, patch_size=8, embed_dim=32, depth=1,
+                       num_heads=2, mlp_dim=64, fast=False)
+    ckpt = save_checkpoint(net, tmp_path / "tiny.ckpt", make_metadata(net.config))
+    env = {**os.environ, "VIT_MS_HOME": str(tmp_path / "home"), "GLOG_v": "3",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop(graph_cache.SWITCH_ENV, None)
+    env.pop("MS_COMPILER_CACHE_PATH", None)
+    script = tmp_path / "classify.py"
+    script.write_text(_CLASSIFY)
+
+    def run(*args):
+        done = subprocess.run([sys.executable, str(script), str(ckpt), *args], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert run("graph", "no-cache")["folder"] is None
+    cold = run("graph", "cache")
+    folder = Path(cold["folder"])
+    assert folder.parent == tmp_path / "home" / "graphs"
+    assert list(folder.rglob("*.mindir")), "no graph was cached"
+    warm = run("graph", "cache")
+    assert warm == cold  # same folder, the same logits from the cached graph
+    other = run("graph", "cache", "--attention")
+    assert other["folder"] != cold["folder"]
+    assert run("pynative", "cache")["folder"] is None

@@ -101,7 +101,7 @@ class Classifier:
 
 
 def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None, pretrained=None,
-                    num_classes: Optional[int] = None) -> Classifier:
+                    num_classes: Optional[int] = None, cache_graphs: bool = False) -> Classifier:
     """Build a `Classifier` from exactly one source, in eval mode.
 
     Args:
@@ -111,6 +111,11 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
         pretrained: weights without vit_ms metadata (the tutorial's ckpt, timm, torchvision, ...), loaded
             with `vit_ms.checkpoint.load_weights`; preprocessing is the preset's default (ImageNet).
         num_classes: with `model`, the head width if not the preset's 1000.
+        cache_graphs: keep the graphs this process compiles for the next run of the same command
+            (`vit_ms.graph_cache`, graph mode only), what eval.py and infer.py ask for. MindSpore's cache
+            is process-wide and files graphs by the order they compile in, so only a process that compiles
+            nothing but this classifier's graphs should turn it on (not a test run, not training's
+            in-process follow-ups, not export).
 
     Raises:
         FileNotFoundError: naming the file that is missing (the model file before its sidecar).
@@ -173,9 +178,36 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
         from .model import set_dynamic_batch
 
         set_dynamic_batch(net, config)  # graph mode: one compile for every batch size (the last is short)
+        if cache_graphs:
+            _cache_compiled_graphs(config)
     return Classifier(net=net, config=config, preprocess=preprocess, class_names=class_names,
                       labels=readable_class_names(class_names, config.num_classes), source=source,
                       fixed_batch=fixed_batch)
+
+
+def _cache_compiled_graphs(config: ViTConfig) -> None:
+    """Keep this process's compiled graphs for the next run of the same command (`vit_ms.graph_cache`).
+
+    Nothing has compiled yet: building a network does not compile it, its first call does. MindSpore
+    files cached graphs by the order they were compiled in, so the key holds everything that changes which
+    graphs a run compiles: the model, the execution mode, the script and the names of its options (infer.py
+    with --attention compiles a different first graph than without). Option values (image paths, --top_k)
+    stay out of it: with the dynamic batch they compile the same graphs. A MINDIR is not cached: its
+    graph comes from the file, not from the vit_ms sources the key digests.
+    """
+    import sys
+
+    from . import graph_cache
+
+    if ms.get_context("mode") != ms.GRAPH_MODE:
+        return  # PyNative compiles no whole-network graph
+    argv = sys.argv or [""]
+    options = sorted({arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")})
+    settings = {"model": config.to_dict(), "fixed_batch": None, "mode": "graph", "dynamic_batch": True,
+                "device": ms.get_context("device_target"), "script": Path(argv[0]).name, "options": options}
+    folder = graph_cache.enable("classify", settings)
+    if folder is not None:
+        logger.info("compiled graphs cached in %s (VIT_MS_GRAPH_CACHE=0 turns this off)", folder)
 
 
 def run_batch(classifier: Classifier, images: np.ndarray) -> np.ndarray:
