@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source, require_device_target
+from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source
 
 
 def parse_args(argv=None):
@@ -47,7 +47,6 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file and sidecar")
     args = parser.parse_args(argv)
     check_model_source(parser, args)
-    require_device_target(parser, args.device_target)  # one line, exit 2, instead of MindSpore's traceback
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch_size must be positive")
     if args.with_preprocess and args.file_format != "MINDIR":

@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source, require_device_target
+from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source
 
 
 def parse_args(argv=None):
@@ -45,7 +45,6 @@ def parse_args(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     check_model_source(parser, args)
-    require_device_target(parser, args.device_target)  # one line, exit 2, instead of MindSpore's traceback
     if args.attention and not args.output_dir:
         parser.error("--attention writes PNG files: give --output_dir")
     if args.attention and args.mindir:

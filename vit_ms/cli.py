@@ -116,8 +116,11 @@ def add_model_source_arguments(parser: argparse.ArgumentParser, mindir: bool = F
 
 
 def check_model_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject flag combinations argparse cannot express, with parser.error (exit status 2)."""
+    """Reject, with parser.error (one line, exit status 2), what `add_model_source_arguments` let through:
+    flag combinations argparse cannot express, and a --device_target the installed MindSpore cannot use
+    (`require_device_target`, before the script loads anything)."""
     if args.model and not args.pretrained:
         parser.error("--model needs --pretrained")
     if args.pretrained and not args.model:
         parser.error("--pretrained goes with --model (a vit_ms checkpoint takes --checkpoint)")
+    require_device_target(parser, args.device_target)
