@@ -45,10 +45,20 @@ def _figure(width: float, height: float):
 
 
 def save_figure(figure, out_path) -> Path:
-    """Write `figure` to `out_path` atomically; the format follows the suffix (.png, .jpg, ...)."""
+    """Write `figure` to `out_path` atomically; the format follows the suffix (.png, .jpg, ...).
+
+    PNGs are written as RGB: matplotlib's PNG writer adds an alpha channel that an opaque figure does not
+    use (a quarter of the file, and some viewers draw it on a checkerboard)."""
     out_path = Path(out_path)
     with atomic_path(out_path, suffix=out_path.suffix or ".png") as tmp:
-        figure.savefig(tmp, dpi=DPI)
+        if out_path.suffix.lower() in ("", ".png"):
+            from PIL import Image
+
+            figure.set_dpi(DPI)
+            figure.canvas.draw()
+            Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3]).save(tmp, format="PNG")
+        else:
+            figure.savefig(tmp, dpi=DPI)
     return out_path
 
 
