@@ -64,7 +64,7 @@ def _part_paths(manifest: Path) -> List[Path]:
     return sorted(manifest.parent.glob(f"{manifest.stem}.part-*-of-*.json")) if manifest.parent.is_dir() else []
 
 
-def _read_columns(path: Path) -> Optional[dict]:
+def read_columns(path: Path) -> Optional[dict]:
     """The manifest's columns {"paths", "size", "mtime_ns", "depth", "reasons" {index: reason}}, or None."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
@@ -96,7 +96,7 @@ def _entries(columns: Optional[dict]) -> Dict[str, Entry]:
 
 
 def _read_entries(path: Path) -> Dict[str, Entry]:
-    return _entries(_read_columns(path))
+    return _entries(read_columns(path))
 
 
 def _write_entries(path: Path, entries: Dict[str, Entry]) -> None:
@@ -214,7 +214,7 @@ def check_split(split_dir, paths: Sequence[Path], mode: str = "full", num_worker
     relative = [p[len(base):] if p.startswith(base) else _relative(p, split_dir) for p in paths]
     sizes, mtimes = _stats(paths)
     manifest = manifest_path(split_dir)
-    columns = _read_columns(manifest)
+    columns = read_columns(manifest)
     parts = _part_paths(manifest)
     if not parts:
         reasons = _unchanged(columns, relative, sizes, mtimes, depth)
@@ -308,4 +308,4 @@ def _save(manifest: Path, known: Dict[str, Entry], relative: Sequence[str], chan
         part.unlink(missing_ok=True)
 
 
-__all__ = ["MANIFEST_DIR", "TIMEOUT_ENV", "manifest_path", "read_known", "owner", "check_split"]
+__all__ = ["MANIFEST_DIR", "TIMEOUT_ENV", "manifest_path", "read_columns", "read_known", "owner", "check_split"]
