@@ -11,8 +11,9 @@ An existing FILE is never replaced unless --overwrite is given.
     python export.py --checkpoint best.ckpt --output vit_uint8.mindir --with_preprocess --input_size 480 640
 
 ONNX is written from the weights with the `onnx` package (pip install onnx), for every model including
-the paper's exact-GELU presets. --with_preprocess writes a MINDIR that takes uint8 RGB images
-(batch, H, W, 3) of the one size --input_size H W and resizes, crops and normalises inside the graph.
+the paper's exact-GELU presets. --with_preprocess writes a MINDIR that takes uint8 images of the one
+size --input_size H W, (batch, H, W, 3) RGB, or (batch, H, W, 1) grayscale for a 1-channel model, and
+resizes, crops and normalises inside the graph.
 """
 import logging
 import sys
@@ -32,7 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=None,
                         help="fixed batch size; default: a dynamic batch dimension")
     parser.add_argument("--with_preprocess", action="store_true",
-                        help="MINDIR taking uint8 (batch, H, W, 3) images; resize, crop, normalise inside")
+                        help="MINDIR taking uint8 (batch, H, W, C) images (C = 3, 1 for a grayscale model); "
+                             "resize, crop, normalise inside")
     parser.add_argument("--input_size", type=int, nargs=2, metavar=("H", "W"),
                         help="with --with_preprocess: the image size the graph accepts")
     parser.add_argument("--check_images", metavar="FOLDER",
@@ -62,36 +64,22 @@ def parse_args(argv=None):
     return args
 
 
-def _read_check_images(folder, input_size):
-    """Up to 8 photos of `folder` (recursively), as uint8 (N, H, W, 3) resized to `input_size`."""
-    import numpy as np
-    from PIL import Image
-
-    from vit_ms.data import list_images, load_image
-
-    paths = list_images(folder)[:8]
-    if not paths:
-        raise FileNotFoundError(f"--check_images {folder} holds no images")
-    height, width = input_size
-    return np.stack([np.asarray(load_image(p).resize((width, height), Image.Resampling.BILINEAR), np.uint8)
-                     for p in paths])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import mindspore as ms
 
     from vit_ms.evaluate import load_classifier
-    from vit_ms.export import ExportError, ParityError, export_model, output_path
+    from vit_ms.export import ExportError, ParityError, export_model, output_path, read_check_images
 
     ms.set_device(args.device_target)
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the reference forward passes need no graph compile
     try:
         output_path(args.output, args.file_format, args.overwrite)  # refuse before loading anything
-        images = _read_check_images(args.check_images, args.input_size) if args.check_images else None
         classifier = load_classifier(args.checkpoint, model=args.model, pretrained=args.pretrained,
                                      num_classes=args.num_classes)
+        images = (read_check_images(args.check_images, args.input_size, classifier.preprocess.channels)
+                  if args.check_images else None)
         report = export_model(classifier.net, args.output, classifier.metadata(), args.file_format,
                               args.batch_size, check=not args.no_check, atol=args.atol,
                               with_preprocess=args.with_preprocess, input_size=args.input_size,

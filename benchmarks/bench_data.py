@@ -148,15 +148,17 @@ def scale_child(root: Path, launched: float, shards: int, rank: int, image_size:
 
 
 def index_memory(root: Path) -> dict:
-    """Bytes held by the file index of a warm start: the scanned paths and labels, and the manifest."""
+    """Bytes held by the file index of a warm start: the scanned paths and labels, and the manifest's
+    columns (what `check_split` reads when the listing is unchanged)."""
+    from vit_ms.data.manifest import manifest_path, read_columns
+
     tracemalloc.start()
     samples, _, _ = scan_split_paths(root, "train", None)
     listed = tracemalloc.get_traced_memory()[0]
-    from vit_ms.data.manifest import manifest_path, read_known
-    known = read_known(manifest_path(root / "train"))
+    columns = read_columns(manifest_path(root / "train"))
     total = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    assert len(known) == len(samples)
+    assert len(columns["paths"]) == len(samples)
     return {"file_list_MB": round(listed / 2**20, 1), "manifest_MB": round((total - listed) / 2**20, 1)}
 
 

@@ -125,6 +125,23 @@ def test_verify_cli_lists_the_bad_files_and_exits_non_zero(tmp_path):
     assert data.main(["verify", str(good)]) == 0
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["verify", "--chek", "full", "ROOT"], "python -m vit_ms.data verify: error: unrecognized arguments: --chek "
+                                           "ROOT (--chek: did you mean --check?)"),
+    (["sample", "--rot", "x"], "python -m vit_ms.data sample: error: unrecognized arguments: --rot x "
+                               "(--rot: did you mean --root?)"),
+    (["verify", "--check", "ful", "ROOT"], "python -m vit_ms.data verify: error: argument --check: invalid "
+                                           "choice: 'ful' (choose from 'full', 'header')"),
+])
+def test_a_sub_command_names_its_own_flags(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == message
+    assert err.startswith(f"usage: python -m vit_ms.data {argv[0]} ")  # the sub-command's usage, not the top's
+
+
 def test_load_image_gives_rgb_and_names_unreadable_files(tmp_path):
     _make_bad_folder(tmp_path)
     for name in ("cmyk.jpg", "gray.jpg"):

@@ -74,7 +74,7 @@ def test_warm_start_rechecks_only_new_or_changed_files(tmp_path):
     _, cold = data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1)
     assert cold.checked == 9 and _skipped(cold) == ["cut.jpg", "cut.png", "gif.jpg"]
     manifest = tmp_path / ".vit_ms-check" / "train.json"
-    entries = json.loads(manifest.read_text())["entries"]
+    entries = manifest_module.read_known(manifest)
     stat = (tmp_path / "train" / "b" / "0.jpg").stat()
     assert entries["b/0.jpg"] == [stat.st_size, stat.st_mtime_ns, 2, None]
     assert entries["b/gif.jpg"][3].startswith("GIF data")
@@ -91,13 +91,32 @@ def test_warm_start_rechecks_only_new_or_changed_files(tmp_path):
     (tmp_path / "train" / "b" / "0.jpg").unlink()
     _, changed = data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1)
     assert changed.checked == 2 and _skipped(changed) == ["cut.png", "gif.jpg"] and changed.num_images == 7
-    entries = json.loads(manifest.read_text())["entries"]
+    entries = manifest_module.read_known(manifest)
     assert "b/0.jpg" not in entries and entries["b/new.png"][3] is None  # deleted files leave the manifest
 
     # Same size, new mtime: checked again (a file rewritten in place).
     path = tmp_path / "train" / "a" / "1.jpg"
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1)[1].checked == 1
+
+
+def test_the_manifest_is_columns_in_scan_order_and_version_1_is_still_read(tmp_path):
+    _make_split(tmp_path)
+    data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1)
+    manifest = tmp_path / ".vit_ms-check" / "train.json"
+    content = json.loads(manifest.read_text())
+    paths = data.scan_split_paths(tmp_path, "train")[0]
+    assert content["paths"] == [os.path.relpath(p, tmp_path / "train") for p in paths]
+    assert content["size"] == [os.stat(p).st_size for p in paths]
+    assert content["mtime_ns"] == [os.stat(p).st_mtime_ns for p in paths] and set(content["depth"]) == {2}
+    assert sorted(content["paths"][int(i)] for i in content["reasons"]) == ["a/cut.jpg", "a/cut.png", "b/gif.jpg"]
+
+    # A manifest written by the previous release (a dict of [size, mtime, depth, reason]) answers too.
+    entries = manifest_module.read_known(manifest)
+    manifest.write_text(json.dumps({"version": 1, "entries": entries}))
+    _, info = data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1)
+    assert info.checked == 0 and _skipped(info) == ["cut.jpg", "cut.png", "gif.jpg"]
+    assert manifest_module.read_known(manifest) == entries
 
 
 def test_check_modes_and_their_depth(tmp_path):
@@ -135,7 +154,7 @@ def test_a_damaged_manifest_costs_a_recheck_not_a_crash(tmp_path):
     manifest.write_text(manifest.read_text()[:50])
     _, info = data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1)
     assert info.checked == 9 and _skipped(info) == ["cut.jpg", "cut.png", "gif.jpg"]
-    assert json.loads(manifest.read_text())["version"] == 1
+    assert json.loads(manifest.read_text())["version"] == manifest_module.MANIFEST_VERSION
 
 
 _RANK_SCRIPT = """

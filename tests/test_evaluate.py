@@ -108,3 +108,15 @@ def test_a_missing_split_is_named(tmp_path, val_set):
     classifier = load_classifier(write_checkpoint(tmp_path / "tiny.ckpt"))
     with pytest.raises(FileNotFoundError, match=f"{val_set / 'test'} not found: --data_path must hold a test/"):
         evaluate_folder(classifier, val_set, "test")
+
+
+def test_an_unavailable_device_is_one_line_before_anything_is_loaded(tmp_path):
+    # A checkpoint that does not exist: the device is refused first, the way train.py does.
+    run = run_cli("eval.py", "--checkpoint", tmp_path / "none.ckpt", "--data_path", tmp_path, "--device_target",
+                  "GPU", "--output_dir", tmp_path / "out", cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"eval.py: error: --device_target GPU: this MindSpore {ms.__version__} supports CPU device target(s) "
+        f"only; install the GPU (CUDA) build of MindSpore on a machine with an NVIDIA GPU and CUDA "
+        f"(https://www.mindspore.cn/install), or use --device_target CPU"), run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()

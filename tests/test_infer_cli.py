@@ -189,14 +189,16 @@ def test_mindir_and_checkpoint_agree_on_every_image(workdir, from_checkpoint):
 
 
 def test_find_images_expands_files_folders_and_globs(tmp_path):
-    for name in ("a.jpg", "b.PNG", "c.txt", "deep/er/d.jpeg", "x[1].png"):
+    for name in ("a.jpg", "b.PNG", "c.txt", "deep/er/d.jpeg", "x[1].png", ".ipynb_checkpoints/a-checkpoint.jpg",
+                 ".hidden.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     paths, missing = find_images([str(tmp_path / "*.jpg"), str(tmp_path / "deep"), str(tmp_path / "c.txt"),
                                   str(tmp_path / "x[1].png"), str(tmp_path / "a.jpg"), str(tmp_path / "none*")])
     assert paths == [tmp_path / "a.jpg", tmp_path / "deep/er/d.jpeg", tmp_path / "c.txt", tmp_path / "x[1].png"]
     assert missing == [(str(tmp_path / "none*"), "no such file, folder or matching pattern")]
-    everything, _ = find_images([str(tmp_path)])  # a folder: image extensions only, any case, recursive
+    # A folder: image extensions only, any case, recursive, hidden files and folders skipped (as training does).
+    everything, _ = find_images([str(tmp_path)])
     assert [p.name for p in everything] == ["a.jpg", "b.PNG", "d.jpeg", "x[1].png"]
 
 

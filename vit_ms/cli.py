@@ -11,13 +11,31 @@ from typing import Optional
 DEVICES = ("CPU", "GPU", "Ascend")
 
 
+class _SubCommands(argparse._SubParsersAction):
+    """Sub-commands whose unknown flags are reported by the sub-command's own parser, so its usage line and
+    the "did you mean" hint come from its flags (`verify --chek` -> `--check`), not the top level's."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        # argparse hands a sub-command's leftovers back to the top level under this attribute.
+        unknown = getattr(namespace, argparse._UNRECOGNIZED_ARGS_ATTR, None)
+        if unknown:
+            self._name_parser_map[values[0]].error(f"unrecognized arguments: {' '.join(unknown)}")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with exact flags: no prefix matching (`--epoch` is not `--epochs`), and an unknown flag is
-    answered with the nearest valid one ("did you mean --epochs?"), exit status 2."""
+    answered with the nearest valid one ("did you mean --epochs?"), exit status 2. Sub-commands are
+    parsers of this class too, and answer for their own flags."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", ArgumentParser)
+        kwargs.setdefault("action", _SubCommands)
+        return super().add_subparsers(**kwargs)
 
     def error(self, message):
         unknown = re.findall(r"(--?[A-Za-z][\w-]*)", message) if "unrecognized arguments" in message else []
@@ -98,8 +116,11 @@ def add_model_source_arguments(parser: argparse.ArgumentParser, mindir: bool = F
 
 
 def check_model_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject flag combinations argparse cannot express, with parser.error (exit status 2)."""
+    """Reject, with parser.error (one line, exit status 2), what `add_model_source_arguments` let through:
+    flag combinations argparse cannot express, and a --device_target the installed MindSpore cannot use
+    (`require_device_target`, before the script loads anything)."""
     if args.model and not args.pretrained:
         parser.error("--model needs --pretrained")
     if args.pretrained and not args.model:
         parser.error("--pretrained goes with --model (a vit_ms checkpoint takes --checkpoint)")
+    require_device_target(parser, args.device_target)

@@ -532,7 +532,7 @@ def find_images(inputs: Sequence[str]) -> Tuple[List[Path], List[Tuple[str, str]
     matched nothing).
     """
     def in_folder(folder: Path) -> List[Path]:
-        return sorted(p for p in folder.rglob("*") if p.is_file() and data.is_image_file(p))
+        return data.list_images(folder)  # the one listing: hidden files and folders skipped, as in training
 
     found, missing = [], []
     for item in inputs:

@@ -45,7 +45,10 @@ def _figure(width: float, height: float):
 
 
 def save_figure(figure, out_path) -> Path:
-    """Write `figure` to `out_path` atomically; the format follows the suffix (.png, .jpg, ...)."""
+    """Write `figure` to `out_path` atomically; the format follows the suffix (.png, .jpg, ...).
+
+    Written as RGB: matplotlib's PNG writer adds an alpha channel that an opaque figure does not use (a
+    quarter of the file, and some viewers draw it on a checkerboard)."""
     from PIL import Image
 
     out_path = Path(out_path)

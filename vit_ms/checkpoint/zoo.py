@@ -84,6 +84,13 @@ def _augreg(preset: str, size: int, run: str, lr: str) -> Weights:
                    reference=f"{_TIMM}: '{_TIMM_NAMES[preset]}_{size}.augreg_in21k_ft_in1k'")
 
 
+def _torchvision(file: str, preset: str, top1: float, weights: str, **preprocess) -> Weights:
+    # torchvision names each file <model>-<first 8 hex digits of its SHA-256>.pth.
+    return Weights(url=f"{_TV_URL}/{file}", preset=preset, source="torchvision", top1=top1,
+                   sha256=file.rsplit("-", 1)[1].split(".")[0], reference=f"{_TV}: {weights}",
+                   **{"crop_pct": 224 / 256, "interpolation": "bilinear", **preprocess})
+
+
 _TIMM_NAMES = {"vit_ti_16": "vit_tiny_patch16", "vit_s_16": "vit_small_patch16", "vit_b_16": "vit_base_patch16",
                "vit_l_16": "vit_large_patch16"}
 # The ImageNet-21k pre-training run each fine-tune starts from (the file name's first half) and the
@@ -102,28 +109,20 @@ ZOO: Dict[str, Weights] = {
                             preset="tutorial", source="tutorial", crop_pct=224 / 256, interpolation="bilinear",
                             reference="MindSpore ViT tutorial (vit_b_16_224.ckpt)"),
     # torchvision: ImageClassification(crop_size=224) resizes to 256 (bilinear) unless resize_size is given;
-    # acc@1 from each Weights' meta["_metrics"]["ImageNet-1K"]; the hash prefix is the URL's last part.
-    "tv_vit_b_16": Weights(url=f"{_TV_URL}/vit_b_16-c867db91.pth", preset="vit_b_16", source="torchvision",
-                           crop_pct=224 / 256, interpolation="bilinear", top1=81.072, sha256="c867db91",
-                           reference=f"{_TV}: ViT_B_16_Weights.IMAGENET1K_V1"),
-    "tv_vit_b_32": Weights(url=f"{_TV_URL}/vit_b_32-d86f8d99.pth", preset="vit_b_32", source="torchvision",
-                           crop_pct=224 / 256, interpolation="bilinear", top1=75.912, sha256="d86f8d99",
-                           reference=f"{_TV}: ViT_B_32_Weights.IMAGENET1K_V1"),
-    "tv_vit_l_16": Weights(url=f"{_TV_URL}/vit_l_16-852ce7e3.pth", preset="vit_l_16", source="torchvision",
-                           crop_pct=224 / 242, interpolation="bilinear", top1=79.662, sha256="852ce7e3",
-                           reference=f"{_TV}: ViT_L_16_Weights.IMAGENET1K_V1 (resize_size=242)"),
-    "tv_vit_l_32": Weights(url=f"{_TV_URL}/vit_l_32-c7638314.pth", preset="vit_l_32", source="torchvision",
-                           crop_pct=224 / 256, interpolation="bilinear", top1=76.972, sha256="c7638314",
-                           reference=f"{_TV}: ViT_L_32_Weights.IMAGENET1K_V1"),
+    # acc@1 from each Weights' meta["_metrics"]["ImageNet-1K"].
+    "tv_vit_b_16": _torchvision("vit_b_16-c867db91.pth", "vit_b_16", 81.072, "ViT_B_16_Weights.IMAGENET1K_V1"),
+    "tv_vit_b_32": _torchvision("vit_b_32-d86f8d99.pth", "vit_b_32", 75.912, "ViT_B_32_Weights.IMAGENET1K_V1"),
+    "tv_vit_l_16": _torchvision("vit_l_16-852ce7e3.pth", "vit_l_16", 79.662,
+                                "ViT_L_16_Weights.IMAGENET1K_V1 (resize_size=242)", crop_pct=224 / 242),
+    "tv_vit_l_32": _torchvision("vit_l_32-c7638314.pth", "vit_l_32", 76.972, "ViT_L_32_Weights.IMAGENET1K_V1"),
     # ViT-H/14 has only SWAG weights in torchvision: end-to-end fine-tuned at 518 and a linear head at 224,
     # both resized straight to the crop size (bicubic).
-    "tv_vit_h_14_swag": Weights(url=f"{_TV_URL}/vit_h_14_swag-80465313.pth", preset="vit_h_14", source="torchvision",
-                                image_size=518, crop_pct=1.0, interpolation="bicubic", top1=88.552,
-                                sha256="80465313", reference=f"{_TV}: ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1"),
-    "tv_vit_h_14_swag_linear": Weights(url=f"{_TV_URL}/vit_h_14_lc_swag-c1eb923e.pth", preset="vit_h_14",
-                                       source="torchvision", crop_pct=1.0, interpolation="bicubic", top1=85.708,
-                                       sha256="c1eb923e",
-                                       reference=f"{_TV}: ViT_H_14_Weights.IMAGENET1K_SWAG_LINEAR_V1"),
+    "tv_vit_h_14_swag": _torchvision("vit_h_14_swag-80465313.pth", "vit_h_14", 88.552,
+                                     "ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1", image_size=518, crop_pct=1.0,
+                                     interpolation="bicubic"),
+    "tv_vit_h_14_swag_linear": _torchvision("vit_h_14_lc_swag-c1eb923e.pth", "vit_h_14", 85.708,
+                                            "ViT_H_14_Weights.IMAGENET1K_SWAG_LINEAR_V1", crop_pct=1.0,
+                                            interpolation="bicubic"),
     # mindcv's second-generation checkpoints (our names, MindSpore numerics). Top-1 from configs/vit/README.md;
     # eval interpolation bicubic and crop_pct 0.875 from configs/vit/vit_{b32,l16,l32}_224_ascend.yaml (the
     # B/32 yaml sets no crop_pct: None).

@@ -22,7 +22,7 @@ _EXPORTS = {
               "UnreadableImageError", "default_data_root", "is_image_file", "list_images", "list_image_paths",
               "check_image", "check_images", "verify_images"],
     "manifest": ["check_split", "manifest_path"],
-    "pipeline": ["DatasetInfo", "load_image", "preprocess_image", "eval_transforms", "train_transforms",
+    "pipeline": ["DatasetInfo", "load_image", "to_channels", "preprocess_image", "eval_transforms", "train_transforms",
                  "class_names", "scan_split", "scan_split_paths", "create_dataset"],
     "augment": ["AUTO_AUGMENT_POLICIES", "policy_op", "train_augmentations", "smooth_one_hot", "cutmix_box",
                 "MixupCutmix", "add_batch_mixup"],

@@ -14,7 +14,7 @@ from .sample import ensure_sample_dataset
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`verify ROOT` lists unreadable images (exit 1 if any); `sample` and `download` prepare datasets."""
     parser = ArgumentParser(prog="python -m vit_ms.data", description=main.__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="decode every image under ROOT and list the unreadable ones")
     verify.add_argument("root", help="dataset root, split folder or any folder of images (searched recursively)")
     verify.add_argument("--workers", type=int, default=None, help="checking threads (default: all cores)")

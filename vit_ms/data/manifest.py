@@ -8,7 +8,9 @@ answers a shallower one ("full" answers "header"; a file found bad stays bad).
 Where: `ROOT/.vit_ms-check/<split>.json` beside the split (hidden, so listings and class discovery ignore
 it); when the data root is not writable, `$VIT_MS_HOME/datasets/checks/<hash of the split path>/<split>.json`.
 Every write is atomic (`vit_ms.files.atomic_path`), so concurrent writers never leave a torn file; the
-last complete one wins.
+last complete one wins. The file holds columns (paths, sizes, mtimes, depths, and the reasons of the bad
+files), in scan order: a warm start whose listing is unchanged compares them as arrays, with one
+`stat` per file (relative to its open folder) and no per-file Python work beyond that.
 
 Under msrun (`num_shards` > 1) no file is decoded twice: each file needing a check belongs to exactly one
 rank (a CRC of its relative path, modulo the shard count, so every rank agrees without talking), each rank
@@ -29,12 +31,14 @@ import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from ..files import cache_dir, write_text_atomic
 from .files import CHECK_DEPTH, DatasetError, check_images, check_mode
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # columns; version 1 (a dict of entries) is still read
 MANIFEST_DIR = ".vit_ms-check"
 TIMEOUT_ENV = "VIT_MS_CHECK_TIMEOUT"
 
@@ -60,22 +64,95 @@ def _part_paths(manifest: Path) -> List[Path]:
     return sorted(manifest.parent.glob(f"{manifest.stem}.part-*-of-*.json")) if manifest.parent.is_dir() else []
 
 
-def _read_entries(path: Path) -> Dict[str, Entry]:
+def read_columns(path: Path) -> Optional[dict]:
+    """The manifest's columns {"paths", "size", "mtime_ns", "depth", "reasons" {index: reason}}, or None."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}
+        return None
     except (OSError, ValueError) as error:  # a foreign or damaged file only costs a re-check
         logger.warning("ignoring unreadable check manifest %s (%s)", path, error)
+        return None
+    if not isinstance(content, dict):
+        return None
+    if content.get("version") == 1 and isinstance(content.get("entries"), dict):  # written by vit_ms <= 0.2
+        entries = content["entries"]
+        return {"paths": list(entries), **{key: [e[k] for e in entries.values()]
+                                           for k, key in enumerate(("size", "mtime_ns", "depth"))},
+                "reasons": {str(i): e[3] for i, e in enumerate(entries.values()) if e[3] is not None}}
+    columns = ("paths", "size", "mtime_ns", "depth")
+    if (content.get("version") != MANIFEST_VERSION or not all(isinstance(content.get(c), list) for c in columns)
+            or len({len(content[c]) for c in columns}) != 1 or not isinstance(content.get("reasons"), dict)):
+        return None
+    return content
+
+
+def _entries(columns: Optional[dict]) -> Dict[str, Entry]:
+    if columns is None:
         return {}
-    if not isinstance(content, dict) or content.get("version") != MANIFEST_VERSION:
-        return {}
-    return content.get("entries", {})
+    reasons = columns["reasons"]
+    return {rel: [size, mtime, depth, reasons.get(str(i))] for i, (rel, size, mtime, depth) in
+            enumerate(zip(columns["paths"], columns["size"], columns["mtime_ns"], columns["depth"]))}
+
+
+def _read_entries(path: Path) -> Dict[str, Entry]:
+    return _entries(read_columns(path))
 
 
 def _write_entries(path: Path, entries: Dict[str, Entry]) -> None:
-    text = json.dumps({"version": MANIFEST_VERSION, "entries": entries}, separators=(",", ":"))
-    write_text_atomic(path, text)
+    values = list(entries.values())
+    content = {"version": MANIFEST_VERSION, "paths": list(entries), "size": [e[0] for e in values],
+               "mtime_ns": [e[1] for e in values], "depth": [e[2] for e in values],
+               "reasons": {str(i): e[3] for i, e in enumerate(values) if e[3] is not None}}
+    write_text_atomic(path, json.dumps(content, separators=(",", ":")))
+
+
+def _stats(paths: Sequence[str]) -> Tuple[List[int], List[int]]:
+    """(sizes, mtimes in ns) of `paths`; -1 for a file deleted since the scan (it then matches no entry,
+    and its check says why). Each stat is relative to its folder, opened once: half the cost of stat on
+    the full path for a large flat class folder (measured: 100,000 files, 1.9 s vs 4.0 s)."""
+    sizes, mtimes = [], []
+    folder, fd = None, None
+    try:
+        for path in paths:
+            parent, _, name = path.rpartition(os.sep)
+            if parent != folder:
+                if fd is not None:
+                    os.close(fd)
+                folder, fd = parent, None
+                if os.stat in os.supports_dir_fd:
+                    try:
+                        fd = os.open(parent, os.O_RDONLY)
+                    except OSError:
+                        fd = None
+            try:
+                st = os.stat(name, dir_fd=fd) if fd is not None else os.stat(path)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+            except FileNotFoundError:
+                sizes.append(-1)
+                mtimes.append(-1)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return sizes, mtimes
+
+
+def _unchanged(columns: Optional[dict], relative: List[str], sizes, mtimes, depth: int
+               ) -> Optional[List[Optional[str]]]:
+    """The usual warm start, as array comparisons: the manifest lists exactly these files in this order,
+    each with its size and mtime, at `depth` or found bad. Returns each file's reason, or None otherwise."""
+    if columns is None or columns["paths"] != relative:
+        return None
+    bad = np.zeros(len(relative), bool)
+    reasons: List[Optional[str]] = [None] * len(relative)
+    for index, reason in columns["reasons"].items():
+        bad[int(index)] = True
+        reasons[int(index)] = reason
+    usable = ((np.asarray(columns["size"], np.int64) == np.asarray(sizes, np.int64))
+              & (np.asarray(columns["mtime_ns"], np.int64) == np.asarray(mtimes, np.int64))
+              & (bad | (np.asarray(columns["depth"], np.int64) >= depth)))
+    return reasons if usable.all() else None
 
 
 def read_known(manifest: Path) -> Dict[str, Entry]:
@@ -132,17 +209,21 @@ def check_split(split_dir, paths: Sequence[Path], mode: str = "full", num_worker
         return [None] * len(paths), 0
     depth = CHECK_DEPTH[mode]
     base = str(split_dir) + os.sep
+    paths = [os.fspath(p) for p in paths]
     # String slicing, not Path.relative_to: 100,000 files cost milliseconds, not a second.
-    relative = [str(p)[len(base):] if str(p).startswith(base) else _relative(p, split_dir) for p in paths]
-    stats = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            stats.append((st.st_size, st.st_mtime_ns))
-        except FileNotFoundError:  # deleted since the scan: matches no entry, and its check says why
-            stats.append((-1, -1))
+    relative = [p[len(base):] if p.startswith(base) else _relative(p, split_dir) for p in paths]
+    sizes, mtimes = _stats(paths)
     manifest = manifest_path(split_dir)
-    known = read_known(manifest)
+    columns = read_columns(manifest)
+    parts = _part_paths(manifest)
+    if not parts:
+        reasons = _unchanged(columns, relative, sizes, mtimes, depth)
+        if reasons is not None:
+            return reasons, 0
+    stats = list(zip(sizes, mtimes))
+    known = _entries(columns)
+    for part in parts:  # a part is newer than the manifest, so it wins
+        known.update(_read_entries(part))
     stale = len(known) > len(paths)  # entries of files since deleted (or of the parts): rewrite
     todo = [i for i, (rel, (size, mtime)) in enumerate(zip(relative, stats))
             if not _usable(known.get(rel), size, mtime, depth)]
@@ -227,4 +308,4 @@ def _save(manifest: Path, known: Dict[str, Entry], relative: Sequence[str], chan
         part.unlink(missing_ok=True)
 
 
-__all__ = ["MANIFEST_DIR", "TIMEOUT_ENV", "manifest_path", "read_known", "owner", "check_split"]
+__all__ = ["MANIFEST_DIR", "TIMEOUT_ENV", "manifest_path", "read_columns", "read_known", "owner", "check_split"]

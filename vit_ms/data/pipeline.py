@@ -119,6 +119,16 @@ def _to_channels(preprocess: Preprocess) -> list:
     return [vision.ConvertColor(vision.ConvertMode.COLOR_RGB2GRAY)] if channels(preprocess) == 1 else []
 
 
+def to_channels(image: np.ndarray, count: int) -> np.ndarray:
+    """uint8 RGB pixels (H, W, 3) as a `count`-channel model sees them before normalising: (H, W, 3) for
+    count 3, the pipeline's luma (H, W, 1) for count 1."""
+    if count == 3:
+        return image
+    if count != 1:
+        raise ValueError(f"image files give 1 (grayscale) or 3 (RGB) channels, not {count}")
+    return vision.ConvertColor(vision.ConvertMode.COLOR_RGB2GRAY)(image)[:, :, None]
+
+
 def _normalize(preprocess: Preprocess) -> list:
     if channels(preprocess) == 1:
         # (H, W) uint8 -> (1, H, W) float in [0, 1] (HWC2CHW would not add the channel axis).
@@ -368,5 +378,5 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
     return dataset, info
 
 
-__all__ = ["DatasetInfo", "to_rgb", "load_image", "channels", "eval_transforms", "train_transforms",
+__all__ = ["DatasetInfo", "to_rgb", "load_image", "channels", "to_channels", "eval_transforms", "train_transforms",
            "preprocess_image", "class_names", "scan_split", "scan_split_paths", "create_dataset"]

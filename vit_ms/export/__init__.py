@@ -2,8 +2,8 @@
 parity check.
 
 - MINDIR (`mindir.py`): `mindspore.export` of the plain network (`fast=False`); with `with_preprocess`,
-  a graph that takes uint8 images (B, H, W, 3) of one size and resizes, crops and normalises inside
-  (`preprocess_graph.py`).
+  a graph that takes uint8 images (B, H, W, C) of one size (C = 3, or 1 for a grayscale model) and
+  resizes, crops and normalises inside (`preprocess_graph.py`).
 - ONNX (`onnx_writer.py`): written from the config and weights with the `onnx` package, because
   MindSpore's own exporter has no Erf (the exact GELU of every paper preset) and fixes the batch.
 
@@ -72,12 +72,12 @@ def check_parity(path, net: nn.Cell, config: ViTConfig, file_format: str = "MIND
     return worst
 
 
-def _smooth_uint8_images(batch_size: int, size: Sequence[int], seed: int) -> np.ndarray:
+def _smooth_uint8_images(batch_size: int, size: Sequence[int], seed: int, channels: int = 3) -> np.ndarray:
     """Photo-like test images: smooth random colour fields plus mild noise (pure noise would make every
     pixel an edge, which no camera produces)."""
     rng = np.random.default_rng(seed)
     h, w = size
-    coarse = rng.uniform(0, 255, (batch_size, 6, 6, 3))
+    coarse = rng.uniform(0, 255, (batch_size, 6, 6, channels))
     rows = np.linspace(0, 5, h)
     cols = np.linspace(0, 5, w)
     r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
@@ -85,8 +85,27 @@ def _smooth_uint8_images(batch_size: int, size: Sequence[int], seed: int) -> np.
     fr, fc = (rows - r0)[None, :, None, None], (cols - c0)[None, None, :, None]
     top = coarse[:, r0][:, :, c0] * (1 - fc) + coarse[:, r0][:, :, c1] * fc
     bottom = coarse[:, r1][:, :, c0] * (1 - fc) + coarse[:, r1][:, :, c1] * fc
-    images = top * (1 - fr) + bottom * fr + rng.normal(0, 8, (batch_size, h, w, 3))
+    images = top * (1 - fr) + bottom * fr + rng.normal(0, 8, (batch_size, h, w, channels))
     return np.clip(np.round(images), 0, 255).astype(np.uint8)
+
+
+def read_check_images(folder, input_size: Sequence[int], channels: int = 3, limit: int = 8) -> np.ndarray:
+    """Up to `limit` photos of `folder` (recursively) as uint8 (N, H, W, C), resized to `input_size` (H, W):
+    RGB for C = 3, the pipeline's luma for C = 1 (`vit_ms.data.pipeline` docstring).
+
+    Raises:
+        FileNotFoundError: the folder holds no images.
+    """
+    from PIL import Image
+
+    from ..data import list_images, load_image, to_channels
+
+    paths = list_images(folder)[:limit]
+    if not paths:
+        raise FileNotFoundError(f"--check_images {folder} holds no images")
+    height, width = input_size
+    images = [np.asarray(load_image(p).resize((width, height), Image.Resampling.BILINEAR), np.uint8) for p in paths]
+    return np.stack([to_channels(image, channels) for image in images])
 
 
 def check_preprocess_parity(path, net: nn.Cell, preprocess: Preprocess, input_size: Sequence[int],
@@ -96,13 +115,13 @@ def check_preprocess_parity(path, net: nn.Cell, preprocess: Preprocess, input_si
     is meant to compute); also measure it against the Python pipeline (`vit_ms.data.eval_transforms`).
 
     Args:
-        path: the MINDIR (uint8 (B, H, W, 3) in, logits out).
+        path: the MINDIR (uint8 (B, H, W, C) in, logits out; C = preprocess.channels).
         net: the plain network.
         preprocess: the model's preprocessing.
         input_size: (H, W) of the graph's input.
         batch_sizes: batch sizes compared (the first rows of `images`, or generated images).
         atol: see `check_parity`; default DEFAULT_ATOL["MINDIR_PREPROCESS"].
-        images: uint8 (N, H, W, 3) real photos to compare on; None: generated photo-like images.
+        images: uint8 (N, H, W, C) real photos to compare on; None: generated photo-like images.
         seed: seed of the generated images.
 
     Returns:
@@ -118,10 +137,10 @@ def check_preprocess_parity(path, net: nn.Cell, preprocess: Preprocess, input_si
         if images is not None:
             batch = np.resize(images, (batch_size,) + images.shape[1:])  # repeats rows when too few
         else:
-            batch = _smooth_uint8_images(batch_size, (height, width), seed + i)
-        if batch.shape[1:] != (height, width, 3) or batch.dtype != np.uint8:
-            raise ValueError(f"check images must be uint8 ({height}, {width}, 3), got {batch.dtype} "
-                             f"{batch.shape[1:]}")
+            batch = _smooth_uint8_images(batch_size, (height, width), seed + i, preprocess.channels)
+        if batch.shape[1:] != (height, width, preprocess.channels) or batch.dtype != np.uint8:
+            raise ValueError(f"check images must be uint8 ({height}, {width}, {preprocess.channels}), got "
+                             f"{batch.dtype} {batch.shape[1:]}")
         exported = graph(ms.Tensor(batch)).asnumpy()
         expected = net(ms.Tensor(reference_preprocess(batch, preprocess).astype(np.float32))).asnumpy()
         worst = max(worst, compare(exported, expected, atol, f"{path} (uint8 input, batch {batch_size})"))
@@ -176,9 +195,10 @@ def export_model(net: nn.Cell, output, metadata: dict, file_format: str = "MINDI
         atol: parity tolerance per unit of the largest |logit| (`common.compare`); defaults to 1e-5 for
             MINDIR, 1e-4 for ONNX and for the preprocessing graph.
         check_batch_sizes: batch sizes compared; default 1, 3 and 8 for a dynamic batch, else the fixed one.
-        with_preprocess: MINDIR taking uint8 (B, H, W, 3) images of `input_size`, preprocessing inside.
+        with_preprocess: MINDIR taking uint8 (B, H, W, C) images of `input_size` (C = 1 for a grayscale
+            model, else 3), preprocessing inside.
         input_size: (H, W), with `with_preprocess`.
-        check_images: with `with_preprocess`, uint8 (N, H, W, 3) photos to check on (default: generated).
+        check_images: with `with_preprocess`, uint8 (N, H, W, C) photos to check on (default: generated).
         overwrite: replace an existing file and sidecar; otherwise `FileExistsError`.
 
     Raises:
@@ -198,7 +218,7 @@ def export_model(net: nn.Cell, output, metadata: dict, file_format: str = "MINDI
 
     if with_preprocess:
         report.input_size = [int(v) for v in input_size]
-        shape = [batch_size, *report.input_size, 3]
+        shape = [batch_size, *report.input_size, preprocess.channels]
     else:
         shape = [batch_size, config.in_channels, config.image_size, config.image_size]
     data_file = None
@@ -231,7 +251,8 @@ def export_model(net: nn.Cell, output, metadata: dict, file_format: str = "MINDI
         "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "input_shape": shape,
         "input_dtype": "uint8" if with_preprocess else "float32",
         "with_preprocess": with_preprocess,
-        "input_layout": "NHWC, raw RGB pixels 0-255" if with_preprocess else "NCHW, normalised",
+        "input_layout": (f"NHWC, raw {'RGB' if preprocess.channels == 3 else 'grayscale'} pixels 0-255"
+                         if with_preprocess else "NCHW, normalised"),
         "external_data": data_file.name if data_file is not None else None,
         "mindspore_version": ms.__version__,
         "checked_batch_sizes": report.checked_batch_sizes, "max_abs_diff": report.max_abs_diff,
@@ -244,4 +265,4 @@ def export_model(net: nn.Cell, output, metadata: dict, file_format: str = "MINDI
 
 __all__ = ["FORMATS", "DEFAULT_ATOL", "DYNAMIC_CHECK_BATCHES", "ExportError", "ParityError", "ExportReport",
            "sidecar_path", "read_sidecar", "load_mindir", "check_parity", "check_preprocess_parity",
-           "portable_network", "export_model", "WithPreprocess", "reference_preprocess", "pipeline_preprocess"]
+           "read_check_images", "portable_network", "export_model", "WithPreprocess", "reference_preprocess", "pipeline_preprocess"]

@@ -1,6 +1,7 @@
 """The eval preprocessing as graph operations, so an exported MINDIR takes raw uint8 pixels.
 
-`WithPreprocess(net, preprocess, input_size)` maps uint8 images (B, H, W, 3) of one fixed size to logits:
+`WithPreprocess(net, preprocess, input_size)` maps uint8 images (B, H, W, C) of one fixed size to logits
+(C = `preprocess.channels`: 3 for an RGB model, 1 for a grayscale one, which takes grayscale pixels):
 resize the short side to `preprocess.resize_size`, center-crop `preprocess.image_size`, normalise,
 NHWC -> NCHW, then the ViT. Output size and crop offsets follow `vit_ms.data.eval_transforms` exactly
 (measured on MindSpore 2.10's `vision.Resize` / `vision.CenterCrop`: the long side becomes
@@ -48,10 +49,10 @@ def check_input_size(input_size: Sequence[int], preprocess: Preprocess) -> Tuple
 
 
 class WithPreprocess(nn.Cell):
-    """uint8 images (B, H, W, 3) -> the net's logits, with the eval preprocessing inside the graph.
+    """uint8 images (B, H, W, C) -> the net's logits, with the eval preprocessing inside the graph.
 
     Args:
-        net: the ViT (plain path) taking normalised (B, 3, S, S) float32.
+        net: the ViT (plain path) taking normalised (B, C, S, S) float32, C = preprocess.channels.
         preprocess: the model's `Preprocess` (resize side, crop, mean, std).
         input_size: (H, W) of every input image; one graph serves one size.
     """
@@ -64,16 +65,16 @@ class WithPreprocess(nn.Cell):
         self.needs_resize = self.resized != self.input_size
         self.crop = preprocess.image_size
         self.top, self.left = crop_offsets(*self.resized, self.crop)
-        # Normalize's [0, 255] units, shaped to broadcast over (B, 3, S, S).
-        self.mean = ms.Tensor(np.array([255 * m for m in preprocess.mean], np.float32).reshape(1, 3, 1, 1))
-        self.std = ms.Tensor(np.array([255 * s for s in preprocess.std], np.float32).reshape(1, 3, 1, 1))
+        # Normalize's [0, 255] units, shaped to broadcast over (B, C, S, S).
+        self.mean = ms.Tensor(np.array([255 * m for m in preprocess.mean], np.float32).reshape(1, -1, 1, 1))
+        self.std = ms.Tensor(np.array([255 * s for s in preprocess.std], np.float32).reshape(1, -1, 1, 1))
         self.resize = ops.ResizeBilinearV2(align_corners=False, half_pixel_centers=True)
 
     def construct(self, images):
-        x = images.astype(ms.float32).transpose(0, 3, 1, 2)  # (B, H, W, 3) uint8 -> (B, 3, H, W) float32
+        x = images.astype(ms.float32).transpose(0, 3, 1, 2)  # (B, H, W, C) uint8 -> (B, C, H, W) float32
         if self.needs_resize:
-            x = self.resize(x, self.resized)  # -> (B, 3, H', W'), short side resize_size
-        x = x[:, :, self.top:self.top + self.crop, self.left:self.left + self.crop]  # -> (B, 3, S, S)
+            x = self.resize(x, self.resized)  # -> (B, C, H', W'), short side resize_size
+        x = x[:, :, self.top:self.top + self.crop, self.left:self.left + self.crop]  # -> (B, C, S, S)
         return self.net((x - self.mean) / self.std)
 
 
@@ -90,8 +91,8 @@ def _bilinear_axis(in_size: int, out_size: int):
 
 
 def reference_preprocess(images: np.ndarray, preprocess: Preprocess) -> np.ndarray:
-    """NumPy (float64) statement of what `WithPreprocess` computes before the net: (B, H, W, 3) uint8 ->
-    (B, 3, S, S) normalised."""
+    """NumPy (float64) statement of what `WithPreprocess` computes before the net: (B, H, W, C) uint8 ->
+    (B, C, S, S) normalised."""
     x = np.asarray(images, np.float64)
     height, width = x.shape[1:3]
     out_h, out_w = resized_shape(height, width, preprocess.resize_size)
@@ -108,12 +109,14 @@ def reference_preprocess(images: np.ndarray, preprocess: Preprocess) -> np.ndarr
 
 
 def pipeline_preprocess(images: np.ndarray, preprocess: Preprocess) -> np.ndarray:
-    """The Python pipeline (`vit_ms.data.eval_transforms` without decode) on each uint8 (H, W, 3) image."""
+    """The Python pipeline (`vit_ms.data.eval_transforms` without decode) on each uint8 (H, W, C) image."""
     from ..data import eval_transforms
 
     out = []
     for image in images:
-        array = image
+        # The pipeline starts from decoded RGB; a grayscale image is three equal channels, whose luma is
+        # the grey value exactly (OpenCV's weights 4899 + 9617 + 1868 = 2^14).
+        array = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
         for op in eval_transforms(preprocess, decode=False):
             array = op(array)
         out.append(np.asarray(array, np.float32))

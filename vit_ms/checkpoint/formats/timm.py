@@ -39,10 +39,12 @@ def from_vit_ms(params):
 
 
 def export(params, config, preprocess, class_names, dst):
-    if config.gelu_approximate or config.norm_eps != 1e-6:
-        logger.warning("%s: this model uses %s GELU and LayerNorm epsilon %g; timm's defaults are exact GELU "
-                       "and 1e-6, so build the timm model with matching act_layer/norm_layer", dst,
-                       "tanh" if config.gelu_approximate else "exact", config.norm_eps)
+    differences = ["tanh GELU (timm's default: exact; act_layer)"] if config.gelu_approximate else []
+    if config.norm_eps != 1e-6:
+        differences.append(f"LayerNorm epsilon {config.norm_eps:g} (timm's default: 1e-6; norm_layer)")
+    if differences:
+        logger.warning("%s: this model uses %s; build the timm model with matching arguments", dst,
+                       " and ".join(differences))
     return write_safetensors(from_vit_ms(params), dst, metadata={"format": "pt"})
 
 
