@@ -52,7 +52,6 @@ def save_figure(figure, out_path) -> Path:
     from PIL import Image
 
     out_path = Path(out_path)
-    # Rendered once and written by Pillow as RGB: matplotlib's PNGs carry an alpha channel nobody needs.
     figure.canvas.draw()
     pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3]
     with atomic_path(out_path, suffix=out_path.suffix or ".png") as tmp:
