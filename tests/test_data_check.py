@@ -155,6 +155,9 @@ def test_a_damaged_manifest_costs_a_recheck_not_a_crash(tmp_path):
     _, info = data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1)
     assert info.checked == 9 and _skipped(info) == ["cut.jpg", "cut.png", "gif.jpg"]
     assert json.loads(manifest.read_text())["version"] == manifest_module.MANIFEST_VERSION
+    content = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**content, "reasons": {"999": "a reason for no file"}}))
+    assert data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1)[1].checked == 9
 
 
 _RANK_SCRIPT = """

@@ -166,5 +166,6 @@ def test_channel_counts_other_than_one_or_three_are_refused_clearly(tmp_path):
     pre = Preprocess(image_size=SIDE, mean=(0.5,) * 4, std=(0.5,) * 4)
     with pytest.raises(ValueError, match="1 \\(grayscale\\) or 3 \\(RGB\\) channels, but Preprocess.mean has 4"):
         data.create_dataset(tmp_path, "train", pre, 1)
-    with pytest.raises(ValueError, match="one value per channel"):
+    with pytest.raises(ValueError, match=r"need one value per input channel, the same number each; got 2 mean "
+                                         r"and 1 std value\(s\)"):
         Preprocess(mean=(0.5, 0.5), std=(0.5,))

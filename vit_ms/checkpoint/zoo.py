@@ -11,7 +11,6 @@ download leaves nothing under the final name. `python -m vit_ms.checkpoint list`
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os

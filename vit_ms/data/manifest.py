@@ -75,14 +75,20 @@ def read_columns(path: Path) -> Optional[dict]:
         return None
     if not isinstance(content, dict):
         return None
-    if content.get("version") == 1 and isinstance(content.get("entries"), dict):  # written by vit_ms <= 0.2
+    if content.get("version") == 1 and isinstance(content.get("entries"), dict):  # the previous format
         entries = content["entries"]
-        return {"paths": list(entries), **{key: [e[k] for e in entries.values()]
-                                           for k, key in enumerate(("size", "mtime_ns", "depth"))},
-                "reasons": {str(i): e[3] for i, e in enumerate(entries.values()) if e[3] is not None}}
+        try:
+            return {"paths": list(entries), **{key: [e[k] for e in entries.values()]
+                                               for k, key in enumerate(("size", "mtime_ns", "depth"))},
+                    "reasons": {str(i): e[3] for i, e in enumerate(entries.values()) if e[3] is not None}}
+        except (TypeError, IndexError, KeyError):
+            logger.warning("ignoring damaged check manifest %s", path)
+            return None
     columns = ("paths", "size", "mtime_ns", "depth")
     if (content.get("version") != MANIFEST_VERSION or not all(isinstance(content.get(c), list) for c in columns)
-            or len({len(content[c]) for c in columns}) != 1 or not isinstance(content.get("reasons"), dict)):
+            or len({len(content[c]) for c in columns}) != 1 or not isinstance(content.get("reasons"), dict)
+            or not all(key.isdigit() and int(key) < len(content["paths"]) for key in content["reasons"])):
+        logger.warning("ignoring check manifest %s: not one this vit_ms writes", path)
         return None
     return content
 
