@@ -429,8 +429,9 @@ def parse_args(argv=None):
                    help="infer (forward, no grad) and/or train (forward, backward, AdamW step); default both")
     p.add_argument("--frameworks", type=csv(str), default=["mindspore", "torch"],
                    help=f"any of {', '.join(FRAMEWORKS)}: mindspore compiles per batch size, "
-                        "mindspore-dynamic once for all (set_dynamic_batch), mindspore-plain is fast=False "
-                        "(default: mindspore,torch)")
+                        "mindspore-dynamic once for all (set_dynamic_batch), mindspore-pynative without a "
+                        "graph, mindspore-plain is fast=False, onnxruntime runs the PyTorch model's ONNX export "
+                        "(inference only) (default: mindspore,torch)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved rounds per measurement, each in a fresh process; the median counts (default 3)")
     p.add_argument("--iters", type=int, default=3, help="timed steps per process; the median counts (default 3)")
