@@ -405,10 +405,11 @@ def format_table(report: dict) -> str:
     for r in rows:
         ref = torch_rows.get((r["preset"], r["image_size"], r["batch"], r["task"]))
         ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
+        spread = f"{100 * r['spread']:.0f}%" if len(r["samples"]) > 1 else "1 round"
         compile_s = f"{r['compile_s']:.1f}" if r["framework"] in ("mindspore", "mindspore-dynamic",
                                                                    "mindspore-plain") else ""
         lines.append(f"| {r['preset']} | {r['image_size']} | {r['batch']} | {r['task']} | {r['framework']} | "
-                     f"{r['images_per_s']:.2f} | {100 * r['spread']:.0f}% | {ratio} | {r['gflop_per_s']:.1f} | "
+                     f"{r['images_per_s']:.2f} | {spread} | {ratio} | {r['gflop_per_s']:.1f} | "
                      f"{100 * r['peak_fraction']:.0f}% | {compile_s} | {r['first_call_s']:.1f} | "
                      f"{r['import_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['peak_rss_mb'] - r['import_rss_mb']:.0f} |")
@@ -428,8 +429,9 @@ def parse_args(argv=None):
                    help="infer (forward, no grad) and/or train (forward, backward, AdamW step); default both")
     p.add_argument("--frameworks", type=csv(str), default=["mindspore", "torch"],
                    help=f"any of {', '.join(FRAMEWORKS)}: mindspore compiles per batch size, "
-                        "mindspore-dynamic once for all (set_dynamic_batch), mindspore-plain is fast=False "
-                        "(default: mindspore,torch)")
+                        "mindspore-dynamic once for all (set_dynamic_batch), mindspore-pynative without a "
+                        "graph, mindspore-plain is fast=False, onnxruntime runs the PyTorch model's ONNX export "
+                        "(inference only) (default: mindspore,torch)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved rounds per measurement, each in a fresh process; the median counts (default 3)")
     p.add_argument("--iters", type=int, default=3, help="timed steps per process; the median counts (default 3)")
