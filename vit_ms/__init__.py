@@ -9,7 +9,7 @@ ICLR 2021. The public API::
 Names are imported on first use, so `vit_ms.config` and `vit_ms.cli` (and every script's `--help`) work
 without paying MindSpore's few-second import.
 """
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -20,18 +20,4 @@ _EXPORTS = {
     "checkpoint": ["load_weights", "resolve_pretrained"],
     "data": ["create_dataset", "ensure_sample_dataset", "load_image", "preprocess_image"],
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = list(_MODULE_OF)
-
-
-def __getattr__(name):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'vit_ms' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -15,7 +15,7 @@ Modules, one concept each:
 Every public name is importable from `vit_ms.data`. Names load on first use, so `python -m vit_ms.data
 verify` and the check do not import MindSpore.
 """
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "files": ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "CHECK_MODES", "DATA_ENV", "DatasetError",
@@ -29,21 +29,7 @@ _EXPORTS = {
     "sample": ["SAMPLE_CLASSES", "SAMPLE_VERSION", "ensure_sample_dataset"],
     "download": ["TUTORIAL_URL", "download_tutorial_dataset"],
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = list(_MODULE_OF) + ["main"]
-
-
-def __getattr__(name):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'vit_ms.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, extra=["main"])
 
 
 def main(argv=None) -> int:

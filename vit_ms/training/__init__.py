@@ -13,7 +13,7 @@
 
 Names are imported on first use, so `vit_ms.training.config` (and `train.py --help`) needs no MindSpore.
 """
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "config": ["TrainConfig", "RECIPES", "get_train_config", "resolve_train_config"],
@@ -28,18 +28,4 @@ _EXPORTS = {
     "loop": ["TrainResult", "train", "resolve_data_root"],
     "followups": ["run_followups"],
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = list(_MODULE_OF)
-
-
-def __getattr__(name):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
