@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source
+from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source, quiet_mindspore
 
 OUTPUTS = ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "report.html")
 
@@ -56,6 +56,7 @@ def confusion_csv(labels, matrix) -> str:
 
 
 def main(argv=None) -> int:
+    quiet_mindspore()
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import mindspore as ms

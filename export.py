@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source
+from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source, quiet_mindspore
 
 
 def parse_args(argv=None):
@@ -65,6 +65,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    quiet_mindspore()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import mindspore as ms

@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source
+from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source, quiet_mindspore
 
 
 def parse_args(argv=None):
@@ -57,6 +57,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    quiet_mindspore()
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import json

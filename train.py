@@ -17,10 +17,9 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 
-from vit_ms.cli import ArgumentParser, require_device_target
+from vit_ms.cli import ArgumentParser, quiet_mindspore, require_device_target
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -140,16 +139,6 @@ def _parse_overrides(pairs, parser) -> dict:
     return overrides
 
 
-def _quiet_mindspore() -> None:
-    # MindSpore reads these when it is imported; a user's own settings win. GLOG_v=2: warnings and errors,
-    # no INFO. The DISTRIBUTED sub-module (msrun's rendezvous) logs ~150 WARNING lines of connection
-    # retries per start on 2 CPU workers, so it reports errors only (MS_SUBMODULE_LOG_v, MindSpore's
-    # per-module level, mindspore.cn/docs/en/r2.1/note/env_var_list.html "Log"); on 2 CPU workers this
-    # takes the msrun console from 172 lines to 26.
-    os.environ.setdefault("GLOG_v", "2")
-    os.environ.setdefault("MS_SUBMODULE_LOG_v", "{DISTRIBUTED:3}")
-
-
 @contextlib.contextmanager
 def _console_logging():
     # vit_ms's INFO lines on the console outside train() (which sets up its own console and train.log):
@@ -191,7 +180,7 @@ def main(argv=None) -> int:
     if dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    _quiet_mindspore()
+    quiet_mindspore()
     require_device_target(parser, cfg.device_target)
 
     from vit_ms.checkpoint import CheckpointError

@@ -2,7 +2,6 @@
 animated PNG and EXIF-rotated JPEG give the same pixels through create_dataset (train and eval) and through
 load_image + preprocess_image, each compared with a NumPy/Pillow expectation; and the channel count follows
 len(preprocess.mean) (1: ITU-R 601 luma, 3: RGB)."""
-import io
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,7 @@ import sys
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import nn, ops
+from mindspore import nn
 
 from float32_bounds import assert_within, init_scale_weights, logits_bound
 from torch_reference import TorchViT, copy_to_torch, torch

@@ -11,6 +11,23 @@ from typing import Optional
 DEVICES = ("CPU", "GPU", "Ascend")
 
 
+def quiet_mindspore() -> None:
+    """MindSpore's console at the level a user reads; call before MindSpore is imported (it reads these
+    once). A user's own settings win.
+
+    GLOG_v=2: warnings and errors, no INFO. Two sub-modules report errors only (MS_SUBMODULE_LOG_v,
+    MindSpore's per-module level, mindspore.cn/docs/en/r2.1/note/env_var_list.html "Log"): DISTRIBUTED,
+    whose msrun rendezvous logs ~150 WARNING lines of connection retries per start on 2 CPU workers (the
+    msrun console goes from 172 lines to 26), and PIPELINE, which warns on every graph compiled while
+    `vit_ms.graph_cache` is on ("Check the consistency of dependency files hash failed", "Use the
+    compilation cache ... Be aware of correctness risks"): the cache's key makes those checks ours.
+    """
+    import os
+
+    os.environ.setdefault("GLOG_v", "2")
+    os.environ.setdefault("MS_SUBMODULE_LOG_v", "{DISTRIBUTED:3,PIPELINE:3}")
+
+
 class _SubCommands(argparse._SubParsersAction):
     """Sub-commands whose unknown flags are reported by the sub-command's own parser, so its usage line and
     the "did you mean" hint come from its flags (`verify --chek` -> `--check`), not the top level's."""

@@ -11,7 +11,6 @@ exactly the region the model saw. Nothing here is needed to train or infer.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple

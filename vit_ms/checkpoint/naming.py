@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 

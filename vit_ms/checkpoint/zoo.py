@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
