@@ -1,6 +1,6 @@
 """infer.py's work end to end on a folder of real photos vs the model alone on pre-decoded tensors.
 
-Same process, same model object, same batch size, same execution mode as infer.py (PyNative):
+Same process, same model object, same batch size, same execution mode as infer.py (graph):
 
 - model:           forward passes over the images already decoded and preprocessed into (B, 3, S, S)
                    arrays; measured before and after the end-to-end runs, the mean is the reference.
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     from vit_ms.evaluate import find_images, load_classifier
 
     ms.set_device(args.device_target)
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # as infer.py
+    ms.set_context(mode=ms.GRAPH_MODE)  # as infer.py
     paths, _ = find_images([args.data])
     paths = paths[:args.limit] if args.limit else paths
     if not paths:
