@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 
     n = len(paths)
     print(f"{n} images from {args.data}, {classifier.source}, {classifier.config.image_size}px, "
-          f"batch {args.batch_size}, {ms.get_context('device_target')}, PyNative")
+          f"batch {args.batch_size}, {ms.get_context('device_target')}, graph mode")
     print(f"model alone: {model_before:.2f} images/s before, {model_after:.2f} after the end-to-end runs\n")
     print(f"| {'what':<36} | {'seconds':>8} | {'images/s':>9} | {'of model':>8} | target |")
     print(f"|{'-' * 38}|{'-' * 10}|{'-' * 11}|{'-' * 10}|--------|")
