@@ -31,6 +31,7 @@ from vit_ms.training.train_step import TrainStep
 preset, recompute, batch = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
 ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE)
+ms.set_seed(0)  # the same weights with and without recomputation
 net = create_model(preset, num_classes=10)
 if recompute:
     apply_recompute(net)
