@@ -196,6 +196,12 @@ def main(argv=None) -> int:
                 run_followups(cfg, result)
     except TrainingInterrupted as stop:
         return stop.exit_status  # train() has logged the last finished epoch and the --resume command
+    except KeyboardInterrupt:
+        # A Ctrl-C that reached Python's default handler (outside training, or delivered again by MindSpore
+        # after train() stopped): the files are consistent, every write being atomic.
+        print(f"train.py: interrupted; continue with: python train.py --resume --output_dir {cfg.output_dir}",
+              file=sys.stderr)
+        return 130
     except (TrainingDiverged, DatasetError, CheckpointError, RunFolderError):
         return 1  # train() has logged the reason and the fix, on the console and in train.log
     except DistributedJobError as error:

@@ -414,23 +414,27 @@ def _wait_for(predicate, proc, timeout, what):
 def test_ctrl_c_stops_cleanly_names_the_resume_command_and_resume_finishes(tmp_path):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
-    # Batch 2: 24 steps per epoch, so the signal lands inside an epoch.
-    args = ["--data_path", str(data), "--output_dir", str(out), "--epochs", "3", *TINY_FLAGS, "--batch_size", "2"]
+    # Batch 2: 24 steps per epoch, 12 epochs, so the signal lands inside an epoch on a fast or a loaded machine.
+    epochs = 12
+    args = ["--data_path", str(data), "--output_dir", str(out), "--epochs", str(epochs), *TINY_FLAGS,
+            "--batch_size", "2"]
     proc = subprocess.Popen([PYTHON, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: len(read_metrics(out)) >= 1, proc, 150, "epoch 1 finished")
-        # Into epoch 2's steps: in the instant between an evaluation and the next epoch's first step,
-        # MindSpore's dataset signal handler holds SIGINT and turns it into SIGTERM (README, known limits).
-        time.sleep(1.0)
+        time.sleep(0.5)  # into the next epochs' steps
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, stderr[-3000:]
+    # MindSpore's dataset engine keeps its own SIGINT handler (minddata/dataset/util/sig_handler.cc, put
+    # back whenever a pipeline starts), whose watchdog ends the process with SIGTERM: then the run stops
+    # the same way but reports SIGTERM and 143 (README, known limits).
+    assert proc.returncode in (130, 143), stderr[-3000:]
+    name = "SIGINT" if proc.returncode == 130 else "SIGTERM"
     done = read_metadata(out / "last.ckpt")["epoch"]
-    assert done in (1, 2)  # epoch 2 was running, or being saved, when the signal came
-    assert f"SIGINT: stopped after epoch {done} of 3 (files consistent); continue with: python train.py " \
+    assert 1 <= done < epochs  # the epoch that was running, or being saved, when the signal came
+    assert f"{name}: stopped after epoch {done} of {epochs} (files consistent); continue with: python train.py " \
            f"--resume --output_dir {out}" in stderr
     assert "Traceback" not in stderr and "\r" not in stderr  # no progress bar on a pipe
     assert [r["epoch"] for r in read_metrics(out)] == list(range(1, done + 1))
@@ -439,8 +443,8 @@ def test_ctrl_c_stops_cleanly_names_the_resume_command_and_resume_finishes(tmp_p
 
     result = run_train(["--resume", "--output_dir", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
-    assert read_metadata(out / "last.ckpt")["epoch"] == 3
+    assert [r["epoch"] for r in read_metrics(out)] == list(range(1, epochs + 1))
+    assert read_metadata(out / "last.ckpt")["epoch"] == epochs
 
 
 def test_a_second_signal_exits_at_once(monkeypatch):

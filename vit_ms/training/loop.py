@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -375,9 +376,14 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
                            stop, stop.last_epoch, cfg.epochs, rundir.resume_command(out))
         raise
     finally:
-        stopper.uninstall()
+        if state.stop_signal is not None:
+            # Stopping: MindSpore's runtime can deliver the same Ctrl-C a second time once its own handler
+            # hands it on; during this last write that is no request to exit at once.
+            for signum in StopOnSignal.SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
         if writer:
             _plot_curves(out)
+        stopper.uninstall()
     if state.diverged:
         epoch = _saved_epoch(last_path)
         kept = (f"the last good checkpoint is {last_path} (epoch {epoch})" if epoch
