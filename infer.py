@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             parser.error(refusal)
 
     ms.set_device(args.device_target)
-    # Graph mode: 1.5-5.6x PyNative's images/s on CPU (notes/perf.md), and load_classifier keeps the
+    # Graph mode: 1.5-5.6x PyNative's images/s on CPU (README, "Performance on CPU"), and load_classifier keeps the
     # compiled graph for the next run (vit_ms.graph_cache), so a repeated command barely compiles.
     ms.set_context(mode=ms.GRAPH_MODE)
     try:

@@ -105,7 +105,7 @@ def test_finetune_recipe_resolves_and_dry_run_prints_every_field(tmp_path):
     printed = json.loads(result.stdout)
     expected = get_train_config("finetune", pretrained="weights.safetensors", data_path="photos", epochs=3)
     assert printed == expected.to_dict()
-    # The published defaults (notes/finetune.md has the sources), and the warmup fitted to 3 epochs.
+    # The published defaults (README, "The finetune recipe: defaults and where each comes from"), and the warmup fitted to 3 epochs.
     assert {k: printed[k] for k in ("auto_augment", "ra_num_ops", "ra_magnitude", "color_jitter", "random_erasing",
                                     "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "optimizer", "momentum",
                                     "nesterov", "layer_decay", "clip_grad", "accum_steps", "ema_decay",
