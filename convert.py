@@ -16,9 +16,8 @@ class names), for use from PyTorch.
 """
 import argparse
 import logging
-import sys
 
-from vit_ms.cli import ArgumentParser
+from vit_ms.cli import ArgumentParser, run_script
 
 # The naming schemes of vit_ms.checkpoint.SOURCES and the export targets of EXPORT_TARGETS, spelled out so
 # that --help answers without importing MindSpore (tests/test_checkpoint_cli.py checks they agree).
@@ -105,4 +104,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

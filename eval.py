@@ -17,10 +17,9 @@ import csv
 import io
 import json
 import logging
-import sys
 from pathlib import Path
 
-from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source, quiet_mindspore
+from vit_ms.cli import ArgumentParser, run_script, add_model_source_arguments, check_model_source, quiet_mindspore
 
 OUTPUTS = ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "report.html")
 
@@ -119,4 +118,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -16,10 +16,9 @@ size --input_size H W, (batch, H, W, 3) RGB, or (batch, H, W, 1) grayscale for a
 resizes, crops and normalises inside the graph.
 """
 import logging
-import sys
 from pathlib import Path
 
-from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source, quiet_mindspore
+from vit_ms.cli import ArgumentParser, run_script, add_model_source_arguments, check_model_source, quiet_mindspore
 
 
 def parse_args(argv=None):
@@ -107,4 +106,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

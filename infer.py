@@ -18,9 +18,8 @@ none was (all unreadable or none found), 2 for bad flags or a refused --output_d
 """
 import argparse
 import logging
-import sys
 
-from vit_ms.cli import ArgumentParser, add_model_source_arguments, check_model_source, quiet_mindspore
+from vit_ms.cli import ArgumentParser, run_script, add_model_source_arguments, check_model_source, quiet_mindspore
 
 
 def parse_args(argv=None):
@@ -116,4 +115,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

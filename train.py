@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 
+from vit_ms import interrupts
 from vit_ms.cli import ArgumentParser, quiet_mindspore, require_device_target
 
 BOOL = argparse.BooleanOptionalAction
@@ -175,6 +176,9 @@ def parse_config(argv=None, parser=None):
 
 
 def main(argv=None) -> int:
+    # Before anything starts a thread: Ctrl-C then reaches vit_ms, not MindSpore's graph runtime, which
+    # would turn it into SIGTERM (vit_ms/interrupts.py).
+    interrupts.route_to_watcher()
     parser = build_parser()
     cfg, dry_run = parse_config(argv, parser)
     if dry_run:

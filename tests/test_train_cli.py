@@ -411,7 +411,8 @@ def _wait_for(predicate, proc, timeout, what):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_ctrl_c_stops_cleanly_names_the_resume_command_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_cleanly_names_the_resume_command_and_resume_finishes(tmp_path, signum):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
     # Batch 2: 24 steps per epoch, 12 epochs, so the signal lands inside an epoch on a fast or a loaded machine.
@@ -423,15 +424,14 @@ def test_ctrl_c_stops_cleanly_names_the_resume_command_and_resume_finishes(tmp_p
     try:
         _wait_for(lambda: len(read_metrics(out)) >= 1, proc, 150, "epoch 1 finished")
         time.sleep(0.5)  # into the next epochs' steps
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    # MindSpore's dataset engine keeps its own SIGINT handler (minddata/dataset/util/sig_handler.cc, put
-    # back whenever a pipeline starts), whose watchdog ends the process with SIGTERM: then the run stops
-    # the same way but reports SIGTERM and 143 (README, known limits).
-    assert proc.returncode in (130, 143), stderr[-3000:]
-    name = "SIGINT" if proc.returncode == 130 else "SIGTERM"
+    # A Ctrl-C is reported as SIGINT although MindSpore's graph runtime turns one it catches into SIGTERM:
+    # train.py routes both signals to vit_ms's watcher thread (vit_ms/interrupts.py).
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    name = signal.Signals(signum).name
     done = read_metadata(out / "last.ckpt")["epoch"]
     assert 1 <= done < epochs  # the epoch that was running, or being saved, when the signal came
     assert f"{name}: stopped after epoch {done} of {epochs} (files consistent); continue with: python train.py " \

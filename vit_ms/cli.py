@@ -6,9 +6,28 @@ Imports nothing heavy, so a script's `--help` answers before MindSpore is loaded
 import argparse
 import difflib
 import re
-from typing import Optional
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import interrupts
 
 DEVICES = ("CPU", "GPU", "Ascend")
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Run a script's `main()` and exit with its status; Ctrl-C ends it with one line and status 130.
+
+    The signals are routed to vit_ms's watcher thread first (`vit_ms.interrupts`): otherwise a Ctrl-C during
+    a graph run reaches MindSpore's handler, which ends the process with SIGTERM and no message.
+    """
+    interrupts.route_to_watcher()
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted (Ctrl-C)", file=sys.stderr)
+        status = 130
+    sys.exit(status)
 
 
 def quiet_mindspore() -> None:

@@ -3,9 +3,11 @@ progress bar, and the epoch recorder that writes metrics and checkpoints. Tests 
 through `train(cfg, callbacks=[...])`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -18,7 +20,7 @@ from mindspore import nn
 from mindspore.train import Callback
 
 from .. import checkpoint as ckpt
-from .. import files
+from .. import files, interrupts
 from . import rundir
 
 logger = logging.getLogger(__name__)
@@ -105,19 +107,27 @@ class StopOnSignal(Callback):
     """SIGINT (Ctrl-C) and SIGTERM: the first ends the run after the current step, before anything of the
     unfinished epoch is written (an epoch being saved is finished first); a second exits at once.
 
-    Installed for the duration of `Model.fit` only; the previous handlers come back afterwards. MindSpore
-    registers its own SIGINT handler when it builds a data pipeline (utils/signal_util.cc; it ends the
-    process with SIGTERM), so ours is put back at every step and after every evaluation.
+    Active for the duration of `Model.fit` only. Where the script routed the signals to a watcher thread
+    (`vit_ms.interrupts`, as train.py does), this listens there, and a Ctrl-C is reported as SIGINT even when
+    it lands inside a graph run. Otherwise it installs Python handlers and puts them back at every step and
+    evaluation, since MindSpore replaces the SIGINT handler around every graph run with one that turns the
+    Ctrl-C into SIGTERM (see `vit_ms.interrupts`): such a Ctrl-C is then reported as SIGTERM.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = interrupts.SIGNALS
 
     def __init__(self, state: RunState):
         super().__init__()
         self.state = state
         self.previous = {}
+        self.listening = contextlib.ExitStack()
 
     def install(self) -> None:
+        if interrupts.is_routed():
+            if not self.previous:
+                self.listening.enter_context(interrupts.listening(lambda signum: self._handle(signum, None)))
+                self.previous = {signum: None for signum in self.SIGNALS}  # marks "installed"
+            return
         for signum in self.SIGNALS:
             previous = signal.signal(signum, self._handle)
             self.previous.setdefault(signum, previous)
@@ -129,14 +139,15 @@ class StopOnSignal(Callback):
     on_eval_begin = on_eval_step_end = on_eval_end = on_train_begin
 
     def uninstall(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+        if interrupts.is_routed():
+            self.listening.close()
+        else:
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
         self.previous = {}
 
     def _handle(self, signum, frame):
         if self.state.stop_signal is not None:
-            import os
-
             sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting at once\n")
             sys.stderr.flush()
             os._exit(128 + signum)  # a temporary file this leaves is removed by the next start

@@ -23,7 +23,7 @@ from mindspore.train import Callback, Model
 from mindspore.train.metrics import TopKCategoricalAccuracy
 
 from .. import checkpoint as ckpt
-from .. import data, graph_cache
+from .. import data, graph_cache, interrupts
 from ..config import Preprocess, ViTConfig, get_config
 from ..layers import use_fused_kernels
 from ..model import ViT, set_dynamic_batch
@@ -376,9 +376,9 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
                            stop, stop.last_epoch, cfg.epochs, rundir.resume_command(out))
         raise
     finally:
-        if state.stop_signal is not None:
-            # Stopping: MindSpore's runtime can deliver the same Ctrl-C a second time once its own handler
-            # hands it on; during this last write that is no request to exit at once.
+        if state.stop_signal is not None and not interrupts.is_routed():
+            # Stopping, with Python handlers: MindSpore's runtime can deliver the same Ctrl-C a second time
+            # once its own handler hands it on; during this last write that is no request to exit at once.
             for signum in StopOnSignal.SIGNALS:
                 signal.signal(signum, signal.SIG_IGN)
         if writer:
