@@ -172,21 +172,47 @@ print(json.dumps({"checked": info.checked, "skipped": sorted(str(p) for p, _ in 
 """
 
 
-def test_two_rank_processes_check_each_file_once_and_agree(tmp_path):
-    _make_split(tmp_path / "data")
+def _start_two_ranks(root: Path) -> list:
+    """Both ranks as processes of one parent (as msrun starts them); their JSON results."""
     env = {**os.environ, "VIT_MS_CHECK_TIMEOUT": "300"}
-    ranks = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(tmp_path / "data"), str(rank)],
+    ranks = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(root), str(rank)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
     results = []
     for process in ranks:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
         results.append(json.loads(out.splitlines()[-1]))
+    return results
+
+
+def test_two_rank_processes_check_each_file_once_and_agree(tmp_path):
+    _make_split(tmp_path / "data")
+    results = _start_two_ranks(tmp_path / "data")
     owners = [manifest_module.owner(p.relative_to(tmp_path / "data" / "train").as_posix(), 2)
               for p in data.list_images(tmp_path / "data" / "train")]
     assert [r["checked"] for r in results] == [owners.count(0), owners.count(1)]  # 9 files, each once
     assert results[0]["skipped"] == results[1]["skipped"] and len(results[0]["skipped"]) == 3
-    assert sorted(p.name for p in (tmp_path / "data" / ".vit_ms-check").iterdir()) == ["train.json"]
+    checks = tmp_path / "data" / ".vit_ms-check"
+    assert sorted(p.name for p in checks.iterdir()) == ["train.json"]
+
+    # Warm: each rank stats every other file, and both answer from the manifest once both tokens agree.
+    warm = _start_two_ranks(tmp_path / "data")
+    assert [r["checked"] for r in warm] == [0, 0] and warm[0]["skipped"] == results[0]["skipped"]
+    tokens = sorted(checks.glob("train.warm-*"))
+    assert [t.name.rsplit("-", 3)[1:] for t in tokens] == [["0", "of", "2"], ["1", "of", "2"]]
+    assert [t.read_text().split()[0] for t in tokens] == ["unchanged", "unchanged"]
+
+    # A file of rank 1's share changes (now a GIF named .jpg): its token says so, and both ranks take the
+    # full path, which re-checks that file once and leaves it out on both.
+    files = data.list_images(tmp_path / "data" / "train")
+    changed = files[1]
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "GIF")
+    changed.write_bytes(buffer.getvalue())
+    after = _start_two_ranks(tmp_path / "data")
+    assert sum(r["checked"] for r in after) == 1
+    assert after[0]["skipped"] == after[1]["skipped"] == sorted(results[0]["skipped"] + [str(changed)])
+    assert sorted(t.read_text().split()[0] for t in checks.glob("train.warm-*")) == ["changed", "unchanged"]
 
 
 def test_a_rank_starting_late_still_hands_over_its_results(tmp_path, monkeypatch):

@@ -19,6 +19,11 @@ the other ranks' results (bounded: `$VIT_MS_CHECK_TIMEOUT` seconds, default max(
 then a `DatasetError` naming the ranks it waited for). Rank 0 merges the parts into the manifest and
 removes them. Parts left by a killed run are still valid results (each entry carries its size and mtime)
 and are read like the manifest.
+
+A warm start under msrun shares out the stats too (they are most of a warm start: about 4 us each):
+rank r stats files r, r + n, ... and writes a token saying whether they are unchanged; when every rank
+of this launch (same parent process, writer still alive) says so, the manifest answers. Otherwise, or if
+a token does not come in about the time the missing stats would take, the rank takes the full path.
 """
 from __future__ import annotations
 
@@ -144,10 +149,11 @@ def _stats(paths: Sequence[str]) -> Tuple[List[int], List[int]]:
     return sizes, mtimes
 
 
-def _unchanged(columns: Optional[dict], relative: List[str], sizes, mtimes, depth: int
+def _unchanged(columns: Optional[dict], relative: List[str], sizes, mtimes, depth: int, which: slice = slice(None)
                ) -> Optional[List[Optional[str]]]:
     """The usual warm start, as array comparisons: the manifest lists exactly these files in this order,
-    each with its size and mtime, at `depth` or found bad. Returns each file's reason, or None otherwise."""
+    and the files `which` (those `sizes` and `mtimes` belong to) each have their size and mtime, at `depth`
+    or found bad. Returns every file's reason, or None otherwise."""
     if columns is None or columns["paths"] != relative:
         return None
     bad = np.zeros(len(relative), bool)
@@ -155,10 +161,81 @@ def _unchanged(columns: Optional[dict], relative: List[str], sizes, mtimes, dept
     for index, reason in columns["reasons"].items():
         bad[int(index)] = True
         reasons[int(index)] = reason
-    usable = ((np.asarray(columns["size"], np.int64) == np.asarray(sizes, np.int64))
-              & (np.asarray(columns["mtime_ns"], np.int64) == np.asarray(mtimes, np.int64))
-              & (bad | (np.asarray(columns["depth"], np.int64) >= depth)))
+    usable = ((np.asarray(columns["size"], np.int64)[which] == np.asarray(sizes, np.int64))
+              & (np.asarray(columns["mtime_ns"], np.int64)[which] == np.asarray(mtimes, np.int64))
+              & (bad[which] | (np.asarray(columns["depth"], np.int64)[which] >= depth)))
     return reasons if usable.all() else None
+
+
+_checks_started: Dict[Path, int] = {}  # manifest -> warm checks across ranks started by this process
+
+
+def _process_start(pid) -> Optional[str]:
+    """When process `pid` started (field 22 of /proc/PID/stat, in clock ticks since boot); None if it is gone
+    (or off Linux). A process id and its start time name one process, even once the id is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def launch_id() -> Optional[str]:
+    """The same for every rank one launcher (msrun, or any parent process) started on this machine: the
+    parent's process id and start time. None off Linux."""
+    start = _process_start(os.getppid())
+    return None if start is None else f"{os.getppid()}-{start}"
+
+
+def _warm_across_ranks(manifest: Path, columns: Optional[dict], relative: List[str], paths: List[str],
+                       depth: int, rank: int, shards: int) -> Optional[List[Optional[str]]]:
+    """A warm start under msrun with the stats shared out: rank r stats files r, r + n, r + 2n, ..., and
+    writes whether they are unchanged to a token `<split>.warm-<launch>-<r>-of-<n>`; the manifest answers
+    when every rank's token says so. None (then every rank takes the full path) when the listing or any
+    rank's files changed, or a rank's token does not come in time (ranks on another machine, whose
+    launcher differs, never match this launch)."""
+    launch = launch_id()
+    if launch is None or columns is None or columns["paths"] != relative:
+        return None
+    # Every rank checks the same splits in the same order, so the n-th check of this manifest in each rank
+    # process is the same one: a token of an earlier check in this launch is never taken for this one.
+    _checks_started[manifest] = call = _checks_started.get(manifest, 0) + 1
+    launch = f"{launch}-{call}"
+    start = time.monotonic()
+    mine = slice(rank, None, shards)
+    reasons = _unchanged(columns, relative, *_stats(paths[mine]), depth, mine)
+    token = lambda r: manifest.with_name(f"{manifest.stem}.warm-{launch}-{r}-of-{shards}")  # noqa: E731
+    for old in manifest.parent.glob(f"{manifest.stem}.warm-*"):  # tokens of earlier launches and checks
+        if f".warm-{launch}-" not in old.name:
+            old.unlink(missing_ok=True)
+    try:  # the writer's process id and start time: a token whose writer has exited is from an earlier start
+        write_text_atomic(token(rank), f"{'unchanged' if reasons is not None else 'changed'} {os.getpid()} "
+                                       f"{_process_start('self')}")
+    except OSError:
+        return None
+    # Waiting longer than stating the other ranks' files would take (about shards - 1 times this rank's
+    # share) gains nothing: a rank that has not answered by then (started late, or on another machine)
+    # is replaced by the full path, which gives the same answer.
+    deadline = time.monotonic() + max(0.5, (shards - 1) * (time.monotonic() - start))
+    waiting = [r for r in range(shards) if r != rank]
+    while waiting and reasons is not None:
+        for r in list(waiting):
+            try:
+                answer, pid, started = token(r).read_text(encoding="utf-8").split()
+            except (FileNotFoundError, ValueError):
+                continue
+            if _process_start(pid) != started:
+                continue  # left by a rank of an earlier start from the same parent: wait for this start's
+            if answer != "unchanged":
+                return None
+            waiting.remove(r)
+        if waiting:
+            if time.monotonic() > deadline:
+                logger.info("rank %d of %d: no warm-start answer from rank(s) %s; checking the whole listing",
+                            rank, shards, waiting)
+                return None
+            time.sleep(0.01)
+    return reasons
 
 
 def read_known(manifest: Path) -> Dict[str, Entry]:
@@ -218,10 +295,15 @@ def check_split(split_dir, paths: Sequence[Path], mode: str = "full", num_worker
     paths = [os.fspath(p) for p in paths]
     # String slicing, not Path.relative_to: 100,000 files cost milliseconds, not a second.
     relative = [p[len(base):] if p.startswith(base) else _relative(p, split_dir) for p in paths]
-    sizes, mtimes = _stats(paths)
+    shards, rank = (num_shards or 1), (shard_id or 0)
     manifest = manifest_path(split_dir)
     columns = read_columns(manifest)
     parts = _part_paths(manifest)
+    if not parts and shards > 1:
+        reasons = _warm_across_ranks(manifest, columns, relative, paths, depth, rank, shards)
+        if reasons is not None:
+            return reasons, 0
+    sizes, mtimes = _stats(paths)
     if not parts:
         reasons = _unchanged(columns, relative, sizes, mtimes, depth)
         if reasons is not None:
@@ -233,7 +315,6 @@ def check_split(split_dir, paths: Sequence[Path], mode: str = "full", num_worker
     stale = len(known) > len(paths)  # entries of files since deleted (or of the parts): rewrite
     todo = [i for i, (rel, (size, mtime)) in enumerate(zip(relative, stats))
             if not _usable(known.get(rel), size, mtime, depth)]
-    shards, rank = (num_shards or 1), (shard_id or 0)
     mine = [i for i in todo if owner(relative[i], shards) == rank]
 
     start = time.monotonic()
