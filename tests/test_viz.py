@@ -46,24 +46,49 @@ def test_crop_box_is_the_eval_transforms_crop_by_hand():
 def test_prediction_picture_title_crop_outline_and_bars(tmp_path, true_label, mark, colour):
     image = random_image(np.random.default_rng(0), size=(80, 50))
     top = [("cat", 0.71), ("dog", 0.2), ("eel", 0.09)]
-    figure = viz.prediction_figure(image, PREPROCESS, top, true_label)
-    assert figure._suptitle.get_text() == mark
-    assert figure._suptitle.get_color() == colour
-    outline = next(p for p in by_gid(figure, "image").patches if p.get_gid() == "model_crop")
-    left, upper, right, lower = viz.crop_box(image.size, PREPROCESS)
-    assert outline.get_xy() == (left - 0.5, upper - 0.5)  # pixel centres are integers in imshow
-    assert (outline.get_width(), outline.get_height()) == (right - left, lower - upper)
-    bars = by_gid(figure, "top_k")
-    assert [t.get_text() for t in bars.get_yticklabels()] == ["cat", "dog", "eel"]
-    assert [t.get_text() for t in bars.texts] == ["71.0%", "20.0%", "9.0%"]
-    # The bars lie below the photo, so no text covers it.
-    assert bars.get_position().y1 < by_gid(figure, "image").get_position().y0
+    layout = viz.prediction_layout(image.size, PREPROCESS, top, true_label)
+    assert (layout.title, layout.title_colour) == (mark, colour)
+    # The photo fills the width between the margins, at its own aspect ratio, below the title band.
+    x0, y0, x1, y1 = layout.photo
+    assert (x1 - x0, y1 - y0) == (610, round(610 * 50 / 80))
+    left, upper, right, lower = viz.crop_box(image.size, PREPROCESS)  # checked by hand above
+    sx, sy = (x1 - x0) / 80, (y1 - y0) / 50
+    np.testing.assert_allclose(layout.crop, [x0 + left * sx, y0 + upper * sy, x0 + right * sx, y0 + lower * sy])
+    assert [name for name, _, _ in layout.bars] == ["cat", "dog", "eel"]
+    bar_colours = {"cat": viz.RIGHT_COLOUR, "dog": viz.WRONG_COLOUR, None: viz.OTHER_COLOUR}[true_label]
+    assert layout.bars[0][2] == bar_colours
+    assert layout.bars_top > y1  # the bars lie below the photo, so no text covers it
 
     out = viz.save_prediction_picture(image, PREPROCESS, top, tmp_path / "a b_pred.png", true_label)
-    width, height = figure.get_size_inches() * figure.dpi
     with Image.open(out) as picture:
-        assert picture.format == "PNG" and picture.size == (round(width), round(height))
+        assert picture.format == "PNG" and picture.size == layout.size
+        pixels = np.asarray(picture.convert("RGB"), np.int32)
     assert [p.name for p in tmp_path.iterdir()] == ["a b_pred.png"]  # no temporary left behind
+    # The outline is drawn where the layout puts the crop: black under white dashes, on every side.
+    crop = [round(c) for c in layout.crop]
+    middle_x, middle_y = (crop[0] + crop[2]) // 2, (crop[1] + crop[3]) // 2
+    for x, y in ((crop[0], middle_y), (crop[2], middle_y), (middle_x, crop[1]), (middle_x, crop[3])):
+        strip = pixels[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3)
+        assert strip.max(axis=1).min() < 60 or strip.min(axis=1).max() > 200, (x, y, strip)  # black or white
+    # Outside the crop the photo is dimmed to 65 %; inside it is the photo itself.
+    shown = np.asarray(image.convert("RGB").resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC), np.int32)
+    inside = (middle_y, (crop[0] + middle_x) // 2)
+    np.testing.assert_allclose(pixels[inside], shown[inside[0] - y0, inside[1] - x0], atol=2)
+    corner = (y0 + 1, x0 + 1)
+    np.testing.assert_allclose(pixels[corner], np.round(shown[1, 1] * (1 - 89 / 255)), atol=2)
+    # The title band and the bar rows hold ink (text and bars) in the title's and the bars' colours.
+    title_band = pixels[:y0]
+    assert (np.abs(title_band - np.array(Image.new("RGB", (1, 1), colour).getpixel((0, 0)))).sum(axis=-1) < 60).any()
+    first_row = pixels[layout.bars_top:layout.bars_top + layout.row_height, layout.bars_left + 2]
+    bar_rgb = np.array(Image.new("RGB", (1, 1), bar_colours).getpixel((0, 0)))
+    assert (np.abs(first_row - bar_rgb).sum(axis=-1) < 10).any()
+
+
+def test_prediction_picture_fits_long_titles_and_names():
+    layout = viz.prediction_layout((80, 50), PREPROCESS, [("x" * 200, 0.9), ("b", 0.1)], true_label="b")
+    font, title = viz._fit(layout.title, 18, layout.size[0] - 30, bold=True)
+    assert title.endswith("\u2026") and viz._text_width(title, font) <= layout.size[0] - 30
+    assert layout.bars_left <= 15 + 300  # the class-name column is capped; longer names are cut
 
 
 def test_prediction_picture_writes_jpeg_for_jpg(tmp_path):
