@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vit_ms import data
 from vit_ms.config import Preprocess
@@ -122,11 +122,12 @@ def test_the_manifest_is_columns_in_scan_order_and_version_1_is_still_read(tmp_p
 def test_check_modes_and_their_depth(tmp_path):
     _make_split(tmp_path)
     _, header = data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1, check="header")
-    # Header: the GIF (format) and the truncated PNG (chunk CRC) are caught; a truncated JPEG is not.
-    assert header.checked == 9 and _skipped(header) == ["cut.png", "gif.jpg"]
+    # Header: the GIF (format), the truncated PNG (chunk CRC) and the truncated JPEG (no end marker, so
+    # decoded) are caught.
+    assert header.checked == 9 and _skipped(header) == ["cut.jpg", "cut.png", "gif.jpg"]
     _, full = data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1, check=True)
     # A header result does not answer a full check, but a file already found bad stays bad.
-    assert full.checked == 7 and _skipped(full) == ["cut.jpg", "cut.png", "gif.jpg"]
+    assert full.checked == 6 and _skipped(full) == ["cut.jpg", "cut.png", "gif.jpg"]
     _, none = data.create_dataset(tmp_path, "train", RAW, 2, num_workers=1, check=False)
     assert none.checked == 0 and none.skipped == () and none.num_images == 9
     with pytest.raises(ValueError, match=r"check must be one of \('full', 'header', 'none'\)"):
@@ -245,6 +246,21 @@ def test_a_missing_rank_ends_the_wait_with_a_clear_error(tmp_path, monkeypatch):
     assert info.checked == sorted(owners_of_files).count(1)
     for shard in (0, 1):
         assert data.create_dataset(tmp_path, "train", RAW, 1, num_shards=2, shard_id=shard)[1].checked == 0
+
+
+def test_header_check_decodes_only_jpegs_without_their_end_marker(tmp_path, monkeypatch):
+    whole = _noise_jpeg()
+    decoded = []
+    real_load = ImageFile.ImageFile.load  # the decode (Image.Image.load is also called for other reasons)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(1) or real_load(image))
+    (tmp_path / "plain.jpg").write_bytes(whole)
+    (tmp_path / "padded.jpg").write_bytes(whole + bytes(10))
+    (tmp_path / "trailer.jpg").write_bytes(whole + b"ftypmp42" + bytes(300))  # like a phone's motion photo
+    (tmp_path / "cut.jpg").write_bytes(whole[:-200])
+    assert [data.check_image(tmp_path / name, "header") for name in ("plain.jpg", "padded.jpg")] == [None, None]
+    assert decoded == []  # the end marker is there: no pixel decode
+    assert data.check_image(tmp_path / "trailer.jpg", "header") is None and len(decoded) == 1
+    assert "truncated" in data.check_image(tmp_path / "cut.jpg", "header").lower()
 
 
 def test_decompression_bomb_is_refused_from_its_header(tmp_path):

@@ -236,12 +236,15 @@ def _workers(num_workers: Optional[int]) -> int:
 def check_files(paths: Sequence, num_workers: Optional[int] = None) -> Tuple[List[int], List[Tuple[str, str]]]:
     """Positions of the decodable files in `paths`, and (path, reason) for each other one.
 
-    Uses `vit_ms.data.check_image`, as `create_dataset` does, in threads (Pillow releases the GIL while
-    decoding), so a file the pipeline would choke on is reported instead.
+    Uses `vit_ms.data.check_image` in threads, so a file the pipeline would choke on is reported instead. The
+    header check: a JPEG is decoded only when its end marker is missing (truncated), which costs a tenth of
+    the full check (hymenoptera, 397 photos: 0.11 vs 0.94 s on one core) and leaves the model the cores;
+    damage that only a decode finds still stops the pipeline, and `classify_files` then reads the rest
+    one by one and reports that file.
     """
     def reason(path) -> Optional[str]:
         path = Path(path)
-        return "no such file" if not path.is_file() else data.check_image(path)
+        return "no such file" if not path.is_file() else data.check_image(path, "header")
 
     with ThreadPoolExecutor(_workers(num_workers)) as pool:
         reasons = list(pool.map(reason, paths))

@@ -122,7 +122,8 @@ def check_image(path, mode: str = "full") -> Optional[str]:
 
     Args:
         path: the image file.
-        mode: "full" (decode), "header" (open + verify, no pixel decode) or "none" (always None).
+        mode: "full" (decode), "header" (open + verify, no pixel decode except for a JPEG that does not
+            end with its end-of-image marker) or "none" (always None).
     """
     mode = check_mode(mode)
     if mode == "none":
@@ -142,7 +143,9 @@ def check_image(path, mode: str = "full") -> Optional[str]:
                 too_big = bomb_reason(image.width, image.height)
                 if too_big:
                     return too_big
-                if mode == "full" and image.format != "PNG":
+                if image.format != "PNG" and (mode == "full" or not _ends_with_jpeg_eoi(image)):
+                    # Header mode decodes a JPEG only when its end-of-image marker is not at the end: a
+                    # truncated file (the usual damage), or data appended after the image (phone cameras).
                     image.draft("RGB", (1, 1))
                     image.load()
                     return None
@@ -160,6 +163,16 @@ def check_image(path, mode: str = "full") -> Optional[str]:
             return "not an image (unknown file format)"
         return f"{type(error).__name__}: {reason}"
     return None
+
+
+def _ends_with_jpeg_eoi(image) -> bool:
+    """A JPEG whose file ends with the end-of-image marker FF D9 (zero padding allowed); other formats: True."""
+    if image.format not in ("JPEG", "MPO"):
+        return True
+    stream = image.fp
+    stream.seek(0, os.SEEK_END)
+    stream.seek(max(0, stream.tell() - 64))
+    return stream.read().rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 def worker_count(num_workers: Optional[int]) -> int:
