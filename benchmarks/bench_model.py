@@ -292,6 +292,7 @@ def profile(args) -> str:
     y = to_tensor(rng.integers(0, config.num_classes, batch).astype(np.int32))
     for _ in range(2):
         to_numpy(step(x, y))
+    Path(args.scratch).mkdir(parents=True, exist_ok=True)
     out = tempfile.mkdtemp(prefix="bench_profile_", dir=args.scratch)
     profiler = ms.Profiler(output_path=out)
     t = time.perf_counter()
