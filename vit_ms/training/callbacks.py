@@ -119,14 +119,14 @@ class StopOnSignal(Callback):
     def __init__(self, state: RunState):
         super().__init__()
         self.state = state
-        self.previous = {}
-        self.listening = contextlib.ExitStack()
+        self.previous = {}  # Python handlers replaced (signals not routed)
+        self.listening: Optional[contextlib.ExitStack] = None  # while listening to the watcher thread
 
     def install(self) -> None:
         if interrupts.is_routed():
-            if not self.previous:
+            if self.listening is None:
+                self.listening = contextlib.ExitStack()
                 self.listening.enter_context(interrupts.listening(lambda signum: self._handle(signum, None)))
-                self.previous = {signum: None for signum in self.SIGNALS}  # marks "installed"
             return
         for signum in self.SIGNALS:
             previous = signal.signal(signum, self._handle)
@@ -139,11 +139,11 @@ class StopOnSignal(Callback):
     on_eval_begin = on_eval_step_end = on_eval_end = on_train_begin
 
     def uninstall(self) -> None:
-        if interrupts.is_routed():
+        if self.listening is not None:
             self.listening.close()
-        else:
-            for signum, handler in self.previous.items():
-                signal.signal(signum, handler)
+            self.listening = None
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
         self.previous = {}
 
     def _handle(self, signum, frame):
