@@ -1,5 +1,6 @@
 """ViT model: configs, presets, parameter counts, shapes, training signal, and parity with PyTorch."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -137,6 +138,36 @@ def test_drop_path_is_identity_in_eval_and_random_in_train():
     net.set_train(True)
     outs = [net(x).asnumpy() for _ in range(4)]
     assert any(not np.allclose(outs[0], o) for o in outs[1:])
+
+
+_DROP_PATH_SCRIPT = """
+import sys
+import mindspore as ms
+import numpy as np
+from vit_ms.layers import DropPath
+ms.set_device("CPU")
+ms.set_seed(int(sys.argv[1]))
+layer = DropPath(0.25)
+layer.set_train(True)
+x = ms.Tensor(np.full((16, 3, 2), 3.0, np.float32))
+print([layer(x).asnumpy()[:, :, :].tolist() for _ in range(3)])
+"""
+
+
+def test_drop_path_masks_follow_the_seed_and_keep_the_expectation():
+    # A run repeats only if stochastic depth does: the same seed gives the same masks in a new process.
+    runs = [subprocess.run([sys.executable, "-c", _DROP_PATH_SCRIPT, seed], capture_output=True, text=True,
+                           timeout=120) for seed in ("0", "0", "1")]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    first, again, other = (np.array(json.loads(r.stdout.strip().splitlines()[-1])) for r in runs)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert not np.array_equal(first[0], first[1])  # a new mask at every step
+    # Whole samples are dropped or scaled by 1 / (1 - p): 3 / 0.75 = 4.
+    per_sample = first.reshape(3, 16, -1)
+    assert set(np.unique(per_sample).tolist()) <= {0.0, 4.0}
+    assert (per_sample.min(axis=-1) == per_sample.max(axis=-1)).all()
 
 
 # --- Parity with an independent reference: PyTorch's own attention and functional ops -------------

@@ -159,15 +159,16 @@ class DropPath(nn.Cell):
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
+        # The mask is Dropout applied to ones: 0 or 1 / (1 - p) per sample. Dropout's kernel follows
+        # `ms.set_seed` with a new draw at every step, so a run repeats; ops.bernoulli takes a fresh seed
+        # per process (or, seeded, returns the same mask at every step), and ops.rand warns that its
+        # UniformReal primitive is deprecated at every graph build.
+        self.dropout = nn.Dropout(p=p) if p > 0.0 else None
 
     def construct(self, x):
-        if not self.training or self.p == 0.0:
+        if not self.training or self.dropout is None:
             return x
-        keep = 1.0 - self.p
-        # ops.bernoulli, not ops.rand: ops.rand goes through the deprecated UniformReal primitive, which
-        # warns at every graph build.
-        mask = ops.bernoulli(ops.zeros((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype), p=keep)
-        return x / keep * mask
+        return x * self.dropout(ops.ones((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype))  # (B, 1, ..., 1)
 
 
 class AttentionCore(nn.Cell):
