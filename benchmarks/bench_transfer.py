@@ -17,7 +17,7 @@ the machine it was written on); a synthetic task A is a weak stand-in for ImageN
 
 Tiny check (a minute):
     python benchmarks/bench_transfer.py --tiny
-Full run (about 20-40 min on 2 CPU cores):
+Full run (about 2 minutes on 2 CPU cores):
     python benchmarks/bench_transfer.py --photos ../shared/data/hymenoptera --output outputs/bench_transfer.json
 """
 from __future__ import annotations
