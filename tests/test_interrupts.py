@@ -40,13 +40,27 @@ def test_without_a_listener_ctrl_c_raises_keyboard_interrupt_in_the_main_thread(
     result = run("""
         try:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(10)
+            for _ in range(1000):
+                time.sleep(0.01)
             print("not interrupted")
         except KeyboardInterrupt:
             print("KeyboardInterrupt in", threading.current_thread().name)
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["routed True", "KeyboardInterrupt in MainThread"]
+
+
+def test_without_a_listener_a_second_ctrl_c_exits_at_once():
+    # The first KeyboardInterrupt waits for the main thread's next Python instruction (here: a 30 s call
+    # that never returns to Python in time); the second Ctrl-C does not wait.
+    result = run("""
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        print("not interrupted")
+    """)
+    assert result.returncode == 130, result.stderr
+    assert result.stdout.splitlines() == ["routed True"] and "Ctrl-C again: exiting at once" in result.stderr
 
 
 def test_without_a_listener_sigterm_keeps_its_default_action_and_its_python_handler():
@@ -86,7 +100,8 @@ from vit_ms.cli import run_script
 sys.argv[0] = "infer.py"
 def main():
     os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(10)
+    for _ in range(1000):
+        time.sleep(0.01)
     return 0
 run_script(main)
 """

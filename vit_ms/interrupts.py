@@ -9,8 +9,8 @@ A signal that every thread blocks never runs any handler: it stays pending until
 `sigwaitinfo`. `route_to_watcher()` blocks SIGINT and SIGTERM in the calling thread, which must be the
 process's only thread (every thread started later inherits the mask, MindSpore's included), and starts the
 watcher. The watcher hands each signal to the current listener (`listening`), or, with none, does what the
-signal would have done without routing: SIGINT raises KeyboardInterrupt in the main thread, SIGTERM runs
-its Python handler or its default action.
+signal would have done without routing: SIGINT raises KeyboardInterrupt in the main thread (a second one
+exits at once, 130), SIGTERM runs its Python handler or its default action.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _listener: Optional[Callable[[int], None]] = None
 _routed = False
+_forwarded_ctrl_c = 0  # Ctrl-Cs handed to the main thread as KeyboardInterrupt
 
 
 def route_to_watcher() -> bool:
@@ -80,7 +81,16 @@ def _watch() -> None:
 
 
 def _as_if_not_routed(signum: int) -> None:
+    global _forwarded_ctrl_c
     handler = signal.getsignal(signum)
+    if signum == signal.SIGINT and handler is signal.default_int_handler:
+        # KeyboardInterrupt reaches the main thread at its next Python instruction, so not during a long
+        # call into MindSpore (a graph compile or run); a second Ctrl-C does not wait for that.
+        _forwarded_ctrl_c += 1
+        if _forwarded_ctrl_c > 1:
+            sys.stderr.write("\nCtrl-C again: exiting at once\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
     if callable(handler):
         _thread.interrupt_main(signum)  # the Python handler runs in the main thread, as it would have
         return
