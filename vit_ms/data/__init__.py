@@ -19,8 +19,8 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "files": ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "CHECK_MODES", "DATA_ENV", "DatasetError",
-              "UnreadableImageError", "default_data_root", "is_image_file", "list_images", "list_image_paths",
-              "check_image", "check_images", "verify_images"],
+              "UnreadableImageError", "default_data_root", "is_image_file", "count_images", "list_images",
+              "list_image_paths", "check_image", "check_images", "verify_images"],
     "manifest": ["check_split", "manifest_path"],
     "pipeline": ["DatasetInfo", "load_image", "to_channels", "preprocess_image", "eval_transforms", "train_transforms",
                  "class_names", "scan_split", "scan_split_paths", "create_dataset"],

@@ -108,7 +108,11 @@ def layer_id(name: str, depth: int) -> int:
 
 def layer_scale(name: str, depth: int, layer_decay: float) -> float:
     """Learning-rate multiplier D^(depth + 1 - layer) of a parameter; 1.0 for the head and final norm."""
-    return float(layer_decay ** (depth + 1 - layer_id(name, depth)))
+    return _layer_scale(layer_id(name, depth), depth, layer_decay)
+
+
+def _layer_scale(layer: int, depth: int, layer_decay: float) -> float:
+    return float(layer_decay ** (depth + 1 - layer))
 
 
 def _no_decay(param) -> bool:
@@ -142,7 +146,7 @@ def param_groups(net: nn.Cell, lr_schedule: Sequence[float], layer_decay: float 
         groups.setdefault((lid, decayed), []).append(param)
     result = []
     for (lid, decayed), params in sorted(groups.items()):
-        scale = float(layer_decay ** (depth + 1 - lid))
+        scale = _layer_scale(lid, depth, layer_decay)
         result.append({"params": params, "lr": ms.Tensor(schedule * np.float32(scale)),
                        "weight_decay": float(weight_decay) if decayed else 0.0})
     result.append({"order_params": net.trainable_params()})
