@@ -160,7 +160,7 @@ class DropPath(nn.Cell):
         super().__init__()
         self.p = p
         # The mask is Dropout applied to ones: 0 or 1 / (1 - p) per sample. Dropout's kernel follows
-        # `ms.set_seed` with a new draw at every step, so a run repeats; ops.bernoulli takes a fresh seed
+        # `ms.set_seed` with a new draw at every step (the masks follow the seed); ops.bernoulli takes a fresh seed
         # per process (or, seeded, returns the same mask at every step), and ops.rand warns that its
         # UniformReal primitive is deprecated at every graph build.
         self.dropout = nn.Dropout(p=p) if p > 0.0 else None
