@@ -37,7 +37,8 @@ def test_key_is_stable_and_changes_with_each_input(monkeypatch, tmp_path):
     monkeypatch.setattr(graph_cache, "cpu_description", lambda: "x86_64 Other CPU avx2")
     assert graph_cache.cache_key("infer", {"model": {"depth": 2}, "batch": 8}) != base
     monkeypatch.undo()
-    monkeypatch.setenv("VIT_MS_FUSED_KERNELS", "0")
+    # Flip the switch from whatever this run has (the suite may itself run with VIT_MS_FUSED_KERNELS=0).
+    monkeypatch.setenv("VIT_MS_FUSED_KERNELS", "1" if os.environ.get("VIT_MS_FUSED_KERNELS") == "0" else "0")
     assert graph_cache.cache_key("infer", {"model": {"depth": 2}, "batch": 8}) != base
 
 
