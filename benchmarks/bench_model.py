@@ -333,7 +333,11 @@ def measure(args, framework, preset, batch, task) -> dict:
             subprocess.run([sys.executable, __file__, "--export-onnx", str(onnx_model), "--presets", preset,
                             "--image-size", str(args.image_size)], check=True, timeout=args.timeout)
         cmd += ["--onnx-model", str(onnx_model)]
-    env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))
+    from vit_ms.threads import foreign_environment
+
+    # PyTorch at its own OpenMP defaults, not vit_ms's shorter spin (vit_ms.threads).
+    env = dict(os.environ) if framework.startswith("mindspore") else foreign_environment()
+    env["GLOG_v"] = os.environ.get("GLOG_v", "3")
     # The worker runs in a scratch dir: MindSpore's graph compiler drops rank_0/ and kernel_meta/ there.
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)

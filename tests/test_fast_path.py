@@ -238,6 +238,7 @@ def test_on_cpu_every_layer_is_fused_and_the_decision_is_logged_once(caplog):
     records = [r for r in caplog.records if r.name == "vit_ms.layers"]
     assert [r.getMessage() for r in records] == ["vit_ms layers: fused CPU kernels (CPU, float32)"]
     parts = _fused_parts(net)
+    assert net.blocks[0].attn.core.inference_kernel is not None  # eval's one-kernel attention
     assert {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.core", "blocks.1.mlp.act", "norm",
             "head"} <= set(parts)
 
@@ -271,6 +272,7 @@ def test_without_onednn_the_dense_and_attention_steps_fall_back(monkeypatch, tmp
     assert kernels.gelu(False) is not None  # the other kernels still build
     fast, _ = _pair(SMALL, seed=10)
     assert fast.blocks[0].attn.core.scores_kernel is None and fast.blocks[0].mlp.fc1.linear is None
+    assert fast.blocks[0].attn.core.inference_kernel is None
     assert fast.blocks[0].mlp.fc1.add_bias is not None
     _assert_close_to_reference(fast, SMALL, _images(2, seed=11), "without oneDNN")
 

@@ -112,6 +112,34 @@ def test_attention_kernels_read_heads_in_place(isa, mode):
     _check_sums(values, torch_values, [probs, qkv], k=max(n, dim) + 1)
 
 
+def test_fused_inference_attention_is_softmax_attention(isa, mode):
+    """The one-kernel eval attention against float64, with query rows split into blocks (131 tokens: 3
+    blocks of 44) over 3 heads and 2 samples."""
+    op = kernels.attention_inference(isa)
+    b, n, heads, dim = 2, 131, 3, 8
+    qkv = _normal(b, n, 3, heads, dim)
+    scale = np.float32(dim ** -0.5)
+    out = op(ms.Tensor(qkv), ms.Tensor(np.array([scale]))).asnumpy()  # (B, N, heads, head_dim)
+
+    t = qkv.astype(np.float64).transpose(0, 3, 2, 1, 4)  # (B, heads, 3, N, head_dim)
+    q, k, v = t[:, :, 0], t[:, :, 1], t[:, :, 2]
+    s = float(scale) * q @ k.swapaxes(-1, -2)  # (B, heads, N, N)
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - m)
+    p /= p.sum(axis=-1, keepdims=True)
+    expected = (p @ v).transpose(0, 2, 1, 3)
+    # Each score is a float32 sum of head_dim products times the scale: off by at most e_s = gamma(dim + 2)
+    # scale |q| |k|^T. Scores off by at most e in a row move each probability by a factor within exp(+-2e)
+    # (numerator and denominator); the softmax itself rounds as in test_softmax_kernel. The output sums N
+    # products of those probabilities and v: gamma(N + 1) more, relative to P |v|.
+    e_s = gamma(dim + 2) * float(scale) * np.abs(q) @ np.abs(k).swapaxes(-1, -2)
+    e_max = e_s.max(axis=-1, keepdims=True)
+    rel_p = np.expm1(2 * e_max) + U * (np.abs(s - m).max(axis=-1, keepdims=True) + 2 * e_max) + gamma(n + 4)
+    magnitude = p @ np.abs(v)  # (B, heads, N, head_dim)
+    bound = (rel_p + gamma(n + 1) * (1 + rel_p)) * magnitude
+    _assert_within(out, expected, bound.transpose(0, 2, 1, 3), "fused attention")
+
+
 def test_softmax_kernel(isa, mode):
     d = 197
     x = _normal(2, 3, 5, d) * 4

@@ -10,6 +10,10 @@ Names are imported on first use, so `vit_ms.config` and `vit_ms.cli` (and every 
 without paying MindSpore's few-second import.
 """
 from ._lazy import lazy_exports
+from .threads import set_spin_default
+
+# Before anything imports MindSpore (which loads libgomp): the OpenMP workers' spin (vit_ms.threads).
+set_spin_default()
 
 __version__ = "0.1.0"
 

@@ -184,7 +184,17 @@ class AttentionCore(nn.Cell):
         kernels = _ops().attention() if fused else None
         self.scores_kernel, self.values_kernel = kernels or (None, None)
         self.softmax_kernel = _ops().softmax() if fused else None
+        self.inference_kernel = _ops().attention_inference() if fused else None
         self.scale_tensor = ms.Tensor([self.scale], ms.float32)
+
+    def fused_inference(self) -> bool:
+        """Whether `attend` may run: the single-kernel form, in eval mode only (it keeps nothing for a
+        backward, and attention dropout is off)."""
+        return not self.training and self.inference_kernel is not None
+
+    def attend(self, qkv):
+        """softmax(q k^T / sqrt(d_h)) v in one kernel, heads merged: (B, N, heads, head_dim)."""
+        return self.inference_kernel(qkv, self.scale_tensor)
 
     def probs(self, qkv):
         """softmax over the keys of q k^T / sqrt(d_h): (B, heads, N, N)."""

@@ -198,6 +198,16 @@ def attention(isa: Optional[str] = None):
             _custom(path, "AttentionValues", 2, values_bprop))
 
 
+def attention_inference(isa: Optional[str] = None):
+    """`op(qkv, scale) -> softmax(scale q k^T) v` as (B, N, heads, head_dim), in one kernel with no
+    backward (for networks in eval mode): what `attention()`'s two products and `softmax()` compute, with
+    the scores kept per block of query rows in cache. None where `attention()` would be None."""
+    path = library(isa)
+    if path is None or dnnl_library() is None:
+        return None
+    return _custom(path, "AttentionInfer", 2)
+
+
 def softmax(isa: Optional[str] = None):
     """Softmax over the last axis, `op(x) -> y`, with a one-pass backward from y; None if unavailable."""
     path = library(isa)
@@ -226,4 +236,5 @@ def patchify(isa: Optional[str] = None):
 
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
-           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "attention", "softmax", "patchify"]
+           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "attention", "attention_inference",
+           "softmax", "patchify"]

@@ -59,6 +59,12 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
   return status;
 }
 
+// y[rows, n] = x[rows, k] w^T + b on one thread
+static int linear_rows(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t k, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * n, b, n * sizeof(float));
+  return dnnl_sgemm_fn()('N', 'T', rows, n, k, 1.0f, x, k, w, k, 1.0f, y, n);
+}
+
 // (x (rows, K), w (N, K), b (N)) -> x w^T + b, like nn.Dense on 2-D input
 extern "C" std::vector<int64_t> LinearInferShape(int *ndims, int64_t **shapes, void *extra) {
   return std::vector<int64_t>{shapes[0][0], shapes[1][0]};
@@ -70,8 +76,11 @@ extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, c
   const float *b = static_cast<const float *>(params[2]);
   float *y = static_cast<float *>(params[3]);
   const int64_t rows = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
-  PARALLEL_ROWS(rows, for (int64_t r = r0; r < r0 + nr; ++r) std::memcpy(y + r * n, b, n * sizeof(float)))
-  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, 1.0f, y);
+  if (dnnl_sgemm_fn() == nullptr) return 1;
+  int status = 0;
+  // Bias rows and product in one parallel region: one fork/join per layer, not two (it counts at batch 1).
+  PARALLEL_ROWS(rows, if (nr > 0 && linear_rows(x + r0 * k, w, b, y + r0 * n, nr, k, n) != 0) status = 1)
+  return status;
 }
 
 // (dy (rows, N), w (N, K)) -> dx = dy w

@@ -3,7 +3,7 @@
 // ---- Softmax over the last axis. MindSpore expands its backward into Mul, ReduceSum, Sub, Mul over the
 // whole (B, heads, N, N) tensor: ~50 ms per ViT-S/16 block at batch 16, 13 % of a training step.
 
-static void softmax_rows(const float *__restrict x, float *__restrict y, int64_t rows, int64_t d) {
+void softmax_rows(const float *__restrict x, float *__restrict y, int64_t rows, int64_t d) {
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * d;
     float *yr = y + r * d;

@@ -1,0 +1,49 @@
+"""How long the fused kernels' OpenMP workers spin between kernels before they sleep.
+
+The fused CPU kernels (`vit_ms.ops`) split each op over OpenMP threads (GNU libgomp, which
+`import mindspore` loads). Between two kernels a worker spins, then sleeps. libgomp's default spin is
+300,000 iterations of a pause instruction: on a Xeon (~140 cycles a pause) that is ~15 ms, longer than a
+whole ViT-Ti step at batch 1, so the workers never sleep, and when MindSpore's own runtime threads or
+Python's main thread need a core, a spinning worker holds it: on a 2-core machine a step then runs at
+half speed (measured, ViT-Ti/16 batch 1 inference, step times in one process: 13-28 ms, median 15-24).
+3,000 iterations (tens of microseconds) still cover the gap between consecutive kernels of a step, then
+give the core back: every step at 13-16 ms; ViT-Ti batch-1 inference 66 vs 55 images/s and training
+16.0 vs 13.9 (medians of fresh processes, `benchmarks/bench_model.py --worker`), batch 16 unchanged.
+
+libgomp reads `GOMP_SPINCOUNT` once, when it is loaded, so the default is set when `vit_ms` is imported,
+before MindSpore: every script imports vit_ms first. It is left alone if the user set `GOMP_SPINCOUNT`
+or `OMP_WAIT_POLICY`, or if MindSpore (and with it libgomp) was imported before vit_ms. Child processes
+inherit it (a benchmark that times another framework gives it `foreign_environment()`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+SPIN_ENV = "GOMP_SPINCOUNT"
+SPIN_DEFAULT = "3000"
+LIBGOMP_DEFAULT = "300000"  # https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html
+DEFAULTED = False  # True when this process's GOMP_SPINCOUNT is vit_ms's default, not the user's
+
+
+def set_spin_default(environ=None, modules=None) -> bool:
+    """Set GOMP_SPINCOUNT to vit_ms's default where the user did not choose and libgomp is not loaded yet;
+    True if set."""
+    global DEFAULTED
+    environ = os.environ if environ is None else environ
+    modules = sys.modules if modules is None else modules
+    if SPIN_ENV in environ or "OMP_WAIT_POLICY" in environ or "mindspore" in modules:
+        return False
+    environ[SPIN_ENV] = SPIN_DEFAULT
+    DEFAULTED = environ is os.environ
+    return True
+
+
+def foreign_environment(environ=None) -> dict:
+    """A copy of the environment for a child process that runs another framework (PyTorch ships libgomp
+    too) at its own defaults: vit_ms's GOMP_SPINCOUNT becomes libgomp's documented default, 300,000,
+    which also keeps that child's own `import vit_ms` from setting it; a user's own value stays."""
+    environ = dict(os.environ if environ is None else environ)
+    if DEFAULTED and environ.get(SPIN_ENV) == SPIN_DEFAULT:
+        environ[SPIN_ENV] = LIBGOMP_DEFAULT
+    return environ
