@@ -5,7 +5,9 @@ Inference and one training step (cross-entropy + AdamW) for each preset and batc
 - `mindspore`: graph mode, compiled for the batch size it is given (as training with `drop_remainder`);
   `mindspore-dynamic` declares a dynamic batch dimension (`vit_ms.set_dynamic_batch`: one graph for
   every batch size, what eval.py and infer.py run); `mindspore-pynative` is the same network in
-  PyNative mode (no graph compile); `mindspore-plain` is `fast=False` (MindSpore's built-in ops).
+  PyNative mode (no graph compile); `mindspore-plain` is `fast=False` (MindSpore's built-in ops);
+  `mindspore-longspin` is `mindspore` with libgomp's own spin (GOMP_SPINCOUNT=300000) instead of
+  vit_ms's default (`vit_ms.threads`), for an A/B of that default in one run.
 - `torch`: the tests' PyTorch reference ViT (`tests/torch_reference.py`), eager.
 - `onnxruntime` (inference only): that same PyTorch model exported with `torch.onnx.export` (so the same
   weights as `torch`), run by onnxruntime's CPU provider with its default threads.
@@ -45,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("bench_model")
-FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-pynative", "mindspore-plain", "torch", "onnxruntime")
+FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-pynative", "mindspore-plain", "mindspore-longspin", "torch",
+              "onnxruntime")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -333,10 +336,12 @@ def measure(args, framework, preset, batch, task) -> dict:
             subprocess.run([sys.executable, __file__, "--export-onnx", str(onnx_model), "--presets", preset,
                             "--image-size", str(args.image_size)], check=True, timeout=args.timeout)
         cmd += ["--onnx-model", str(onnx_model)]
-    from vit_ms.threads import foreign_environment
+    from vit_ms import threads
 
     # PyTorch at its own OpenMP defaults, not vit_ms's shorter spin (vit_ms.threads).
-    env = dict(os.environ) if framework.startswith("mindspore") else foreign_environment()
+    env = dict(os.environ) if framework.startswith("mindspore") else threads.foreign_environment()
+    if framework == "mindspore-longspin":
+        env[threads.SPIN_ENV] = threads.LIBGOMP_DEFAULT
     env["GLOG_v"] = os.environ.get("GLOG_v", "3")
     # The worker runs in a scratch dir: MindSpore's graph compiler drops rank_0/ and kernel_meta/ there.
     scratch = Path(args.scratch)
@@ -412,7 +417,7 @@ def format_table(report: dict) -> str:
         ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
         spread = f"{100 * r['spread']:.0f}%" if len(r["samples"]) > 1 else "1 round"
         compile_s = f"{r['compile_s']:.1f}" if r["framework"] in ("mindspore", "mindspore-dynamic",
-                                                                   "mindspore-plain") else ""
+                                                                   "mindspore-plain", "mindspore-longspin") else ""
         lines.append(f"| {r['preset']} | {r['image_size']} | {r['batch']} | {r['task']} | {r['framework']} | "
                      f"{r['images_per_s']:.2f} | {spread} | {ratio} | {r['gflop_per_s']:.1f} | "
                      f"{100 * r['peak_fraction']:.0f}% | {compile_s} | {r['first_call_s']:.1f} | "
@@ -435,7 +440,8 @@ def parse_args(argv=None):
     p.add_argument("--frameworks", type=csv(str), default=["mindspore", "torch"],
                    help=f"any of {', '.join(FRAMEWORKS)}: mindspore compiles per batch size, "
                         "mindspore-dynamic once for all (set_dynamic_batch), mindspore-pynative without a "
-                        "graph, mindspore-plain is fast=False, onnxruntime runs the PyTorch model's ONNX export "
+                        "graph, mindspore-plain is fast=False, mindspore-longspin runs with libgomp's own "
+                        "spin count, onnxruntime runs the PyTorch model's ONNX export "
                         "(inference only) (default: mindspore,torch)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved rounds per measurement, each in a fresh process; the median counts (default 3)")

@@ -20,7 +20,7 @@ from mindspore import nn
 
 from float32_bounds import assert_within, gradient_bound, init_scale_weights, logits_bound, probs_bound
 from torch_reference import TorchViT, copy_to_torch, torch, torch_names
-from vit_ms import ViTConfig, create_model, layers, set_dynamic_batch
+from vit_ms import ViTConfig, create_model, layers, set_dynamic_batch, threads
 from vit_ms import ops as kernels
 
 # Tiny width and depth, but the realistic 16 x 16 patch the fused patch embedding reshapes.
@@ -232,7 +232,8 @@ def test_on_another_device_no_cpu_only_path_is_built(monkeypatch, device, fast):
     assert type(net.blocks[0].mlp.fc1) is nn.Dense and type(net.norm) is nn.LayerNorm
 
 
-def test_on_cpu_every_layer_is_fused_and_the_decision_is_logged_once(caplog):
+def test_on_cpu_every_layer_is_fused_and_the_decision_is_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(threads, "TOO_LATE", False)
     with caplog.at_level(logging.INFO, logger="vit_ms.layers"):
         net = create_model(SMALL)
     records = [r for r in caplog.records if r.name == "vit_ms.layers"]
@@ -241,6 +242,16 @@ def test_on_cpu_every_layer_is_fused_and_the_decision_is_logged_once(caplog):
     assert net.blocks[0].attn.core.inference_kernel is not None  # eval's one-kernel attention
     assert {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.core", "blocks.1.mlp.act", "norm",
             "head"} <= set(parts)
+
+
+def test_a_late_vit_ms_import_says_how_to_get_the_spin_default(caplog, monkeypatch):
+    monkeypatch.setattr(threads, "TOO_LATE", True)  # MindSpore (libgomp) was loaded before vit_ms
+    with caplog.at_level(logging.INFO, logger="vit_ms.layers"):
+        create_model(SMALL)
+        create_model(SMALL, fast=False)  # plain ops run no OpenMP kernels: no hint
+    hints = [r.getMessage() for r in caplog.records if "GOMP_SPINCOUNT" in r.getMessage()]
+    assert hints == [f"MindSpore was imported before vit_ms, so libgomp keeps its long OpenMP spin (slower small "
+                     f"batches on few cores): import vit_ms first, or set GOMP_SPINCOUNT=3000 in the environment"]
 
 
 # --- kernels unavailable, built lazily or ahead of time -------------------------------------------

@@ -39,6 +39,13 @@ def test_set_spin_default_decides_from_the_environment_and_loaded_modules():
     assert not threads.set_spin_default(env, modules={"mindspore": object()}) and env == {}
 
 
+def test_the_hint_names_the_fix_only_when_the_import_came_too_late(monkeypatch):
+    monkeypatch.setattr(threads, "TOO_LATE", False)
+    assert threads.late_import_hint() == ""
+    monkeypatch.setattr(threads, "TOO_LATE", True)
+    assert "import vit_ms first, or set GOMP_SPINCOUNT=3000" in threads.late_import_hint()
+
+
 def test_another_framework_runs_at_libgomps_own_default(monkeypatch):
     monkeypatch.setattr(threads, "DEFAULTED", True)
     assert threads.foreign_environment({"GOMP_SPINCOUNT": threads.SPIN_DEFAULT, "A": "1"}) == \

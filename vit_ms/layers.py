@@ -27,6 +27,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal, TruncatedNormal, XavierUniform, Zero
 
+from .threads import late_import_hint
+
 logger = logging.getLogger(__name__)
 
 FUSED_ENV = "VIT_MS_FUSED_KERNELS"
@@ -77,6 +79,9 @@ def use_fused_kernels(requested: Optional[bool] = None, *, device_target: Option
     if requested and not fused:
         logger.warning("fast=True ignored: %s", why)
     logger.info("vit_ms layers: %s (%s)", "fused CPU kernels" if fused else "plain MindSpore ops", why)
+    hint = late_import_hint() if fused else ""
+    if hint:
+        logger.info(hint)
     return fused
 
 

@@ -24,15 +24,19 @@ SPIN_ENV = "GOMP_SPINCOUNT"
 SPIN_DEFAULT = "3000"
 LIBGOMP_DEFAULT = "300000"  # https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html
 DEFAULTED = False  # True when this process's GOMP_SPINCOUNT is vit_ms's default, not the user's
+TOO_LATE = False  # True when MindSpore (libgomp) was imported before vit_ms and the user chose nothing
 
 
 def set_spin_default(environ=None, modules=None) -> bool:
     """Set GOMP_SPINCOUNT to vit_ms's default where the user did not choose and libgomp is not loaded yet;
     True if set."""
-    global DEFAULTED
+    global DEFAULTED, TOO_LATE
     environ = os.environ if environ is None else environ
     modules = sys.modules if modules is None else modules
-    if SPIN_ENV in environ or "OMP_WAIT_POLICY" in environ or "mindspore" in modules:
+    if SPIN_ENV in environ or "OMP_WAIT_POLICY" in environ:
+        return False
+    if "mindspore" in modules:
+        TOO_LATE = environ is os.environ
         return False
     environ[SPIN_ENV] = SPIN_DEFAULT
     DEFAULTED = environ is os.environ
@@ -47,3 +51,11 @@ def foreign_environment(environ=None) -> dict:
     if DEFAULTED and environ.get(SPIN_ENV) == SPIN_DEFAULT:
         environ[SPIN_ENV] = LIBGOMP_DEFAULT
     return environ
+
+
+def late_import_hint() -> str:
+    """What to do when libgomp was loaded before vit_ms could set its spin default; "" otherwise."""
+    if not TOO_LATE:
+        return ""
+    return (f"MindSpore was imported before vit_ms, so libgomp keeps its long OpenMP spin (slower small "
+            f"batches on few cores): import vit_ms first, or set {SPIN_ENV}={SPIN_DEFAULT} in the environment")
