@@ -2,7 +2,7 @@
 
 The fused CPU kernels (`vit_ms.ops`) split each op over OpenMP threads (GNU libgomp, which
 `import mindspore` loads). Between two kernels a worker spins, then sleeps. libgomp's default spin is
-300,000 iterations of a pause instruction: on a Xeon (~140 cycles a pause) that is ~15 ms, longer than a
+300,000 iterations of a pause instruction: on a Xeon since Skylake (~140 cycles a pause, per Intel's optimization manual) that is ~15 ms, longer than a
 whole ViT-Ti step at batch 1, so the workers never sleep, and when MindSpore's own runtime threads or
 Python's main thread need a core, a spinning worker holds it: on a 2-core machine a step then runs at
 half speed (measured, ViT-Ti/16 batch 1 inference, step times in one process: 13-28 ms, median 15-24).
