@@ -10,16 +10,12 @@ call is folded into another; the two forms alternate round by round and each fig
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import time
 
 import numpy as np
 
-import vit_ms  # noqa: F401  (first: the OpenMP spin default must precede MindSpore's import)
-
-logger = logging.getLogger("bench_attention")
-HEADS = {"vit_ti_16": 3, "vit_s_16": 6, "vit_b_16": 12}  # head_dim 64 in all three
+from vit_ms import get_config  # first: the OpenMP spin default must precede MindSpore's import
 
 
 def build(form: str, scale: float):
@@ -52,7 +48,6 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per form (default 5)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per round (default 10)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     import mindspore as ms
 
     ms.set_device("CPU")
@@ -61,10 +56,11 @@ def main(argv=None):
     print("| model | batch | heads | tokens | three kernels ms | one kernel ms | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
-        heads = HEADS[preset]
+        config = get_config(preset)
+        heads, dim = config.num_heads, config.head_dim
         for batch in map(int, args.batches.split(",")):
-            x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, args.tokens, 3, heads, 64), np.float32))
-            nets = {form: build(form, 64 ** -0.5) for form in forms}
+            x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, args.tokens, 3, heads, dim), np.float32))
+            nets = {form: build(form, dim ** -0.5) for form in forms}
             for net in nets.values():
                 net(x).asnumpy()  # compile + first call
             times = {form: [] for form in forms}

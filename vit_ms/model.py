@@ -54,10 +54,14 @@ class Attention(nn.Cell):
         self.attn_drop = nn.Dropout(p=config.attention_dropout)
         self.proj = linear(config.embed_dim, config.embed_dim, fused=fused)
 
+    def heads(self, x):
+        """Tokens (B, N, D) -> the qkv projection viewed per head: (B, N, 3, heads, head_dim)."""
+        return self.qkv(x).reshape(-1, x.shape[1], 3, self.num_heads, self.head_dim)
+
     def forward_with_probs(self, x):
         """Tokens (B, N, D) -> (output (B, N, D), attention probabilities (B, heads, N, N))."""
         _, n, d = x.shape
-        qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, head_dim)
+        qkv = self.heads(x)
         probs = self.core.probs(qkv)  # (B, heads, N, N)
         x = self.core.values(self.attn_drop(probs), qkv)  # (B, N, heads, head_dim)
         return self.proj(x.reshape(-1, n, d)), probs  # heads concatenated, then projected
@@ -67,8 +71,7 @@ class Attention(nn.Cell):
             return self.forward_with_probs(x)[0]
         # Eval on the fused kernels: the same math in one kernel that never writes (B, heads, N, N).
         _, n, d = x.shape
-        qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim)
-        return self.proj(self.core.attend(qkv).reshape(-1, n, d))
+        return self.proj(self.core.attend(self.heads(x)).reshape(-1, n, d))
 
 
 class FeedForward(nn.Cell):

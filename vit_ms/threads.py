@@ -2,13 +2,12 @@
 
 The fused CPU kernels (`vit_ms.ops`) split each op over OpenMP threads (GNU libgomp, which
 `import mindspore` loads). Between two kernels a worker spins, then sleeps. libgomp's default spin is
-300,000 iterations of a pause instruction: on a Xeon since Skylake (~140 cycles a pause, per Intel's optimization manual) that is ~15 ms, longer than a
-whole ViT-Ti step at batch 1, so the workers never sleep, and when MindSpore's own runtime threads or
-Python's main thread need a core, a spinning worker holds it: on a 2-core machine a step then runs at
-half speed (measured, ViT-Ti/16 batch 1 inference, step times in one process: 13-28 ms, median 15-24).
-3,000 iterations (tens of microseconds) still cover the gap between consecutive kernels of a step, then
-give the core back: every step at 13-16 ms; ViT-Ti batch-1 inference 66 vs 55 images/s and training
-16.0 vs 13.9 (medians of fresh processes, `benchmarks/bench_model.py --worker`), batch 16 unchanged.
+300,000 iterations of a pause instruction, ~15 ms on a Xeon since Skylake (~140 cycles a pause, per
+Intel's optimization manual): longer than a whole ViT-Ti step at batch 1, so the workers never sleep and
+hold a core that MindSpore's runtime threads and Python's main thread need; on 2 cores a step that loses
+that race runs at half speed. 3,000 iterations (tens of microseconds) still bridge the gap between two
+kernels of a step, then give the core back. Measured (README, "Batch 1 and the OpenMP spin"): batch-1
+steps 13-16 ms instead of 13-28, +12 % to +31 % images/s at batch 1, batch 16 unchanged.
 
 libgomp reads `GOMP_SPINCOUNT` once, when it is loaded, so the default is set when `vit_ms` is imported,
 before MindSpore: every script imports vit_ms first. It is left alone if the user set `GOMP_SPINCOUNT`

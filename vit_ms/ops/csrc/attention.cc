@@ -142,6 +142,7 @@ extern "C" int AttentionInfer(int nparam, void **params, int *ndims, int64_t **s
   const float *qkv = static_cast<const float *>(params[0]);
   const float scale = *static_cast<const float *>(params[1]);
   float *out = static_cast<float *>(params[2]);
+  if (h.count() == 0 || h.n == 0) return 0;  // nothing to compute (and no block size to derive)
   // Blocks of at most 64 query rows, equal in size (197 tokens: 4 blocks of 50, not 64, 64, 64, 5).
   const int64_t blocks = (h.n + 63) / 64, block = (h.n + blocks - 1) / blocks;
   const int64_t items = h.count() * blocks, out_row = h.heads * h.dim;
