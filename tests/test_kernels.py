@@ -163,6 +163,51 @@ def test_softmax_kernel(isa, mode):
     _assert_within(dx, ref_dx, bound_dx, "softmax gradient")
 
 
+class _LayerNorm(nn.Cell):
+    """The LayerNorm kernel with its epsilon tensor bound: op(x, gamma, beta)."""
+
+    def __init__(self, op, eps):
+        super().__init__()
+        self.op = op
+        self.eps = ms.Tensor([eps], ms.float32)
+
+    def construct(self, x, g, b):
+        return self.op(x, g, b, self.eps)
+
+
+def test_layer_norm_kernel(isa, mode):
+    """LayerNorm and its three gradients against float64, rows of 197 (not a multiple of any vector
+    width, so every row ends in a remainder) with a mean far from zero."""
+    rows, d, eps = 37, 197, 1e-6
+    x = _normal(rows, d) * 3 + 5
+    gamma_, beta = 1 + 0.5 * _normal(d, seed=1), _normal(d, seed=2)
+    upstream = _normal(rows, d, seed=4)
+    y, (dx, dg, db) = _ours(_LayerNorm(kernels.layer_norm(isa), eps), [x, gamma_, beta], upstream, 3)
+    ref_y, (ref_dx, ref_dg, ref_db) = _torch(lambda t, g, b: torch.nn.functional.layer_norm(t, (d,), g, b, eps),
+                                             [x, gamma_, beta], upstream, 3)
+    # The mean is a float32 sum of d terms and a division: off by e_m <= gamma(d + 1) mean |x|. The
+    # variance sums d positive squares, then eps, sqrt and the reciprocal round: rstd is within
+    # gamma(d + 4) relative (the mean's own error enters the variance only to second order). So
+    # xhat = (x - m) rstd is off by e_xhat <= rstd e_m + gamma(d + 6) |xhat|, and y = xhat g + b rounds twice.
+    x64, dy, g64 = x.astype(np.float64), upstream.astype(np.float64), gamma_.astype(np.float64)
+    mean = x64.mean(axis=-1, keepdims=True)
+    rstd = 1 / np.sqrt(x64.var(axis=-1, keepdims=True) + eps)
+    xhat = (x64 - mean) * rstd
+    e_xhat = rstd * gamma(d + 1) * np.abs(x64).mean(axis=-1, keepdims=True) + gamma(d + 6) * np.abs(xhat)
+    _assert_within(y, ref_y, np.abs(g64) * e_xhat + gamma(2) * (np.abs(xhat * g64) + np.abs(beta)), "LayerNorm")
+    # dx = rstd (g dy - mean(g dy) - xhat mean(g dy xhat)): two more sums of d terms, xhat's error through
+    # both places it enters, rstd's relative error, and a few roundings of the combination.
+    gdy = np.abs(g64 * dy)
+    s2 = np.abs((g64 * dy * xhat).mean(axis=-1, keepdims=True))
+    magnitude = rstd * (gdy + gdy.mean(axis=-1, keepdims=True) + np.abs(xhat) * (gdy * np.abs(xhat)).mean(axis=-1, keepdims=True))
+    bound_dx = gamma(d + 10) * magnitude + rstd * (e_xhat * s2 + np.abs(xhat) * (gdy * e_xhat).mean(axis=-1, keepdims=True))
+    _assert_within(dx, ref_dx, bound_dx, "LayerNorm input gradient")
+    # d gamma = sum over rows of dy xhat, d beta = sum of dy: sums of `rows` terms.
+    _assert_within(dg, ref_dg, gamma(rows + 1) * (np.abs(dy) * np.abs(xhat)).sum(0) + (np.abs(dy) * e_xhat).sum(0),
+                   "LayerNorm gamma gradient")
+    _assert_within(db, ref_db, gamma(rows) * np.abs(dy).sum(0), "LayerNorm beta gradient")
+
+
 @pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
 def test_gelu_kernel_matches_float64_reference(isa, approximate):
     kernel = kernels.gelu(approximate, isa)

@@ -4,9 +4,11 @@
 
 static void row_stats(const float *__restrict x, int64_t d, float eps, float *mean, float *rstd) {
   float s = 0.0f;
+  VECTOR_SUM(s)
   for (int64_t j = 0; j < d; ++j) s += x[j];
   const float m = s / d;
   float v = 0.0f;
+  VECTOR_SUM(v)
   for (int64_t j = 0; j < d; ++j) v += (x[j] - m) * (x[j] - m);
   *mean = m;
   *rstd = 1.0f / std::sqrt(v / d + eps);
@@ -31,6 +33,7 @@ static void layer_norm_grad_rows(const float *__restrict x, const float *__restr
     float m, rs;
     row_stats(xr, d, eps, &m, &rs);
     float s1 = 0.0f, s2 = 0.0f;
+    VECTOR_SUM(s1, s2)
     for (int64_t j = 0; j < d; ++j) {
       const float gdy = g[j] * dyr[j];
       s1 += gdy;

@@ -8,8 +8,10 @@ void softmax_rows(const float *__restrict x, float *__restrict y, int64_t rows, 
     const float *xr = x + r * d;
     float *yr = y + r * d;
     float m = xr[0];
+    VECTOR_MAX(m)
     for (int64_t j = 1; j < d; ++j) m = xr[j] > m ? xr[j] : m;
     float s = 0.0f;
+    VECTOR_SUM(s)
     for (int64_t j = 0; j < d; ++j) {
       yr[j] = exp_neg_f(xr[j] - m);
       s += yr[j];
@@ -25,6 +27,7 @@ static void softmax_grad_rows(const float *__restrict y, const float *__restrict
   for (int64_t r = 0; r < rows; ++r) {
     const float *yr = y + r * d, *dyr = dy + r * d;
     float s = 0.0f;
+    VECTOR_SUM(s)
     for (int64_t j = 0; j < d; ++j) s += dyr[j] * yr[j];
     for (int64_t j = 0; j < d; ++j) dx[r * d + j] = yr[j] * (dyr[j] - s);
   }
