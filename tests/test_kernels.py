@@ -88,6 +88,15 @@ def test_dense_kernel_is_x_wt_plus_b(isa, mode):
                 k=max(rows, k, n) + 2)
 
 
+def test_dense_kernel_with_a_weight_beyond_l2_splits_columns(isa, mode):
+    """A batch-1 shape: 5 rows, a 2050 x 640 weight (5.2 MB, more than any x86 core's L2), so the forward
+    and the input gradient split the output's columns over the threads (2050 columns: blocks of 16 and a
+    remainder), the weight gradient its rows."""
+    rows, k, n = 5, 640, 2050
+    _check_sums(kernels.linear(isa), lambda x, w, b: x @ w.T + b,
+                [_normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)], k=max(rows, k, n) + 2)
+
+
 def test_add_bias_kernel(isa, mode):
     # x + b is one rounding; the bias gradient sums 37 rows.
     _check_sums(kernels.add_bias(isa), lambda x, b: x + b, [_normal(37, 16), _normal(16, seed=1)], k=37 + 1)
