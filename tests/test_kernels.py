@@ -86,6 +86,9 @@ def test_dense_kernel_is_x_wt_plus_b(isa, mode):
     # Longest sum: the weight gradient over the 37 rows; +2 for the bias add and the final rounding.
     _check_sums(linear, lambda x, w, b: x @ w.T + b, [_normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)],
                 k=max(rows, k, n) + 2)
+    # Leading axes are rows, as in nn.Dense: (3, 13, K) -> (3, 13, N), the weight gradient sums all 39.
+    _check_sums(linear, lambda x, w, b: x @ w.T + b, [_normal(3, 13, k), _normal(n, k, seed=1), _normal(n, seed=2)],
+                k=max(39, k, n) + 2)
 
 
 def test_dense_kernel_with_a_weight_beyond_l2_splits_columns(isa, mode):

@@ -102,12 +102,10 @@ class FusedLinear(nn.Dense):
         self.add_bias = add_bias
 
     def construct(self, x):
-        rows = x.reshape(-1, self.in_channels)
         if self.linear is not None:
-            y = self.linear(rows, self.weight, self.bias)  # (rows, out)
-        else:
-            # nn.Dense's own 2-D MatMul(transpose_b): its backward needs no Transpose ops, unlike ops.dense's.
-            y = self.add_bias(self.matmul(rows, self.weight), self.bias)
+            return self.linear(x, self.weight, self.bias)  # (..., in) -> (..., out), no reshape nodes
+        # nn.Dense's own 2-D MatMul(transpose_b): its backward needs no Transpose ops, unlike ops.dense's.
+        y = self.add_bias(self.matmul(x.reshape(-1, self.in_channels), self.weight), self.bias)
         return y.reshape(x.shape[:-1] + (self.out_channels,))
 
 

@@ -159,7 +159,7 @@ def add_bias(isa: Optional[str] = None):
 
 
 def linear(isa: Optional[str] = None):
-    """`op(x, w, b) -> x w^T + b` for 2-D x (rows, in) and w (out, in), like `nn.Dense`, on oneDNN's sgemm,
+    """`op(x, w, b) -> x w^T + b` for x (..., in) and w (out, in), like `nn.Dense`, on oneDNN's sgemm,
     with its backward on the same sgemm; None where the MindSpore wheel has no oneDNN or no compiler."""
     path = library(isa)
     if path is None or dnnl_library() is None:

@@ -102,17 +102,26 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
   return parallel_sgemm(ta, tb, m, n, k, a, lda, a_row, b, ldb, b_col, beta, c, [](int64_t, int64_t, int64_t, int64_t) {});
 }
 
-// (x (rows, K), w (N, K), b (N)) -> x w^T + b, like nn.Dense on 2-D input
+// Shape helpers for x (..., K): the leading axes are rows, kept as they are in the output. Taking them
+// here rather than reshaping around the op saves two graph nodes per Dense layer (at batch 1 each node's
+// launch costs more than a small kernel; in a dynamic-batch graph each also infers and resizes).
+static std::vector<int64_t> with_last(int ndim, const int64_t *shape, int64_t last) {
+  std::vector<int64_t> out(shape, shape + ndim);
+  out.back() = last;
+  return out;
+}
+
+// (x (..., K), w (N, K), b (N)) -> x w^T + b (..., N), like nn.Dense
 extern "C" std::vector<int64_t> LinearInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return std::vector<int64_t>{shapes[0][0], shapes[1][0]};
+  return with_last(ndims[0], shapes[0], shapes[1][0]);
 }
 extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                       void *extra) {
-  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
+  if (nparam != 4 || ndims[0] < 1 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
   const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
   const float *b = static_cast<const float *>(params[2]);
   float *y = static_cast<float *>(params[3]);
-  const int64_t rows = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
+  const int64_t k = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
   // Each thread writes the bias into its block of y, then adds x w^T onto it (beta = 1): bias and
   // product in one parallel region, one fork/join per layer (it counts at batch 1).
   auto bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
@@ -121,27 +130,28 @@ extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, c
   return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, bias);
 }
 
-// (dy (rows, N), w (N, K)) -> dx = dy w
+// (dy (..., N), w (N, K)) -> dx = dy w (..., K)
 extern "C" std::vector<int64_t> LinearGradInputInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return std::vector<int64_t>{shapes[0][0], shapes[1][1]};
+  return with_last(ndims[0], shapes[0], shapes[1][1]);
 }
 extern "C" int LinearGradInput(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
-  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
+  if (nparam != 3 || ndims[0] < 1 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
   const float *dy = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
-  const int64_t rows = shapes[0][0], n = shapes[0][1], k = shapes[1][1];
+  const int64_t n = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / n, k = shapes[1][1];
   return parallel_sgemm('N', 'N', rows, k, n, dy, n, n, w, k, 1, 0.0f, static_cast<float *>(params[2]));
 }
 
-// (dy (rows, N), x (rows, K)) -> dw = dy^T x, (N, K)
+// (dy (..., N), x (..., K)) -> dw = dy^T x, (N, K), summed over all leading axes
 extern "C" std::vector<int64_t> LinearGradWeightInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return std::vector<int64_t>{shapes[0][1], shapes[1][1]};
+  return std::vector<int64_t>{shapes[0][ndims[0] - 1], shapes[1][ndims[1] - 1]};
 }
 extern "C" int LinearGradWeight(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
-  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
+  if (nparam != 3 || ndims[0] < 1 || ndims[1] < 1 || !all_float32(nparam, dtypes)) return 1;
   const float *dy = static_cast<const float *>(params[0]), *x = static_cast<const float *>(params[1]);
-  const int64_t rows = shapes[0][0], n = shapes[0][1], k = shapes[1][1];
+  const int64_t n = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / n;
+  const int64_t k = last_dim(ndims[1], shapes[1]);
   return parallel_sgemm('T', 'N', n, k, rows, dy, n, 1, x, k, 1, 0.0f, static_cast<float *>(params[2]));
 }
 #endif
