@@ -1,0 +1,143 @@
+"""The fused CPU kernels one by one, called straight from their library (ctypes), outside any graph: what
+each kernel itself costs at a ViT's shapes, without MindSpore's per-op launch, for every compiled variant
+this CPU runs, and side by side with other builds of the library given with --library (e.g. one built
+from an older checkout: `python -m vit_ms.ops build` there prints its path).
+
+Each kernel runs on the same inputs in every library; libraries alternate round by round, and each figure
+is the median over the rounds of the mean time per call (microseconds); "A vs B" is B's time over A's
+(above 1: A is faster).
+
+    python benchmarks/bench_kernels.py                                  # ViT-Ti/16, batch 1
+    python benchmarks/bench_kernels.py --preset vit_b_16 --batch 16
+    python benchmarks/bench_kernels.py --isas avx512 --library before=/tmp/old/vit_ms_kernels_avx512_....so
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vit_ms import get_config  # first: the OpenMP spin default must precede libgomp's loading
+
+
+def kernel_cases(config, batch: int) -> list:
+    """(kernel name, [input arrays], [output shapes]) at `config`'s shapes for `batch` images."""
+    rng = np.random.default_rng(0)
+    n, d, heads, hd, mlp = config.num_patches + 1, config.embed_dim, config.num_heads, config.head_dim, config.mlp_dim
+
+    def arr(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    tokens, hidden, eps = arr(batch, n, d), arr(batch, n, mlp), np.array([1e-6], np.float32)
+    scores = arr(batch, heads, n, n, scale=3.0)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    qkv, scale = arr(batch, n, 3, heads, hd), np.array([hd ** -0.5], np.float32)
+    w_qkv, w_fc1, w_fc2 = arr(3 * d, d, scale=d ** -0.5), arr(mlp, d, scale=d ** -0.5), arr(d, mlp, scale=mlp ** -0.5)
+    gamma, beta = 1 + arr(d, scale=0.1), arr(d, scale=0.1)
+    rows, hidden_rows = tokens.reshape(batch * n, d), hidden.reshape(batch * n, mlp)
+    return [
+        ("LayerNorm", [tokens, gamma, beta, eps], [tokens.shape]),
+        ("LayerNormGrad", [tokens, gamma, tokens, eps], [tokens.shape]),
+        ("LayerNormParamGrad", [tokens, tokens, eps], [(2, d)]),
+        ("Softmax", [scores], [scores.shape]),
+        ("SoftmaxGrad", [probs, scores], [scores.shape]),
+        ("AttentionInfer", [qkv, scale], [(batch, n, heads, hd)]),
+        ("GeluErf", [hidden], [hidden.shape]),
+        ("GeluErfGrad", [hidden, hidden], [hidden.shape]),
+        # Dense kernels on 2-D rows (batch * tokens, features), which every build of the library takes.
+        ("Linear qkv", [rows, w_qkv, arr(3 * d)], [(batch * n, 3 * d)]),
+        ("Linear fc1", [rows, w_fc1, arr(mlp)], [(batch * n, mlp)]),
+        ("Linear fc2", [hidden_rows, w_fc2, arr(d)], [(batch * n, d)]),
+        ("LinearGradInput fc1", [hidden_rows, w_fc1], [(batch * n, d)]),
+        ("LinearGradWeight fc1", [hidden_rows, rows], [(mlp, d)]),
+    ]
+
+
+class Library:
+    """One kernel library, its functions called with MindSpore's AOT convention."""
+
+    SIGNATURE = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int),
+                 ctypes.POINTER(ctypes.POINTER(ctypes.c_int64)), ctypes.POINTER(ctypes.c_char_p),
+                 ctypes.c_void_p, ctypes.c_void_p]
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+
+    def prepare(self, name: str, inputs, output_shapes):
+        """A zero-argument callable running kernel `name` once (raises if it reports an error)."""
+        fn = getattr(self.lib, name.split()[0])
+        fn.restype, fn.argtypes = ctypes.c_int, self.SIGNATURE
+        arrays = list(inputs) + [np.empty(shape, np.float32) for shape in output_shapes]
+        count = len(arrays)
+        shapes = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+        args = (count, (ctypes.c_void_p * count)(*[a.ctypes.data for a in arrays]),
+                (ctypes.c_int * count)(*[a.ndim for a in arrays]),
+                (ctypes.POINTER(ctypes.c_int64) * count)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes]),
+                (ctypes.c_char_p * count)(*[b"float32"] * count), None, None)
+
+        def call():
+            if fn(*args) != 0:
+                raise RuntimeError(f"{name} in {self.path} returned an error")
+
+        call._keep = (arrays, shapes)  # the buffers must outlive the pointers
+        return call
+
+
+def time_call(call, iters: int) -> float:
+    """Mean microseconds per call over `iters` calls."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="vit_ti_16", help="model whose shapes to use (default vit_ti_16)")
+    p.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    p.add_argument("--library", action="append", default=[], metavar="[LABEL=]PATH",
+                   help="another build of the kernel library to time beside this checkout's (repeatable)")
+    p.add_argument("--isas", default=None,
+                   help="comma-separated compiled variants of this checkout (default: every one this CPU runs)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per library (default 5)")
+    p.add_argument("--seconds", type=float, default=0.05, help="time per kernel per round (default 0.05)")
+    args = p.parse_args(argv)
+
+    from vit_ms import ops as kernels
+
+    isas = args.isas.split(",") if args.isas else list(kernels.cpu_isas())
+    libraries = {isa: Library(kernels.library(isa)) for isa in isas}
+    for value in args.library:
+        label, _, path = value.rpartition("=")
+        if not Path(path).is_file():
+            p.error(f"--library {value}: no such file {path}")
+        libraries[label or Path(path).stem] = Library(path)
+    config = get_config(args.preset)
+    labels = list(libraries)
+    print(f"{args.preset}, batch {args.batch}: microseconds per call, median of {args.rounds} rounds "
+          f"({', '.join(f'{k}: {Path(v.path).name}' for k, v in libraries.items())})\n")
+    print("| kernel | " + " | ".join(labels) + " | " + " | ".join(f"{labels[0]} vs {k}" for k in labels[1:]) + " |")
+    print("|---" * (1 + 2 * len(labels) - 1) + "|")
+    for name, inputs, outputs in kernel_cases(config, args.batch):
+        calls = {label: lib.prepare(name, inputs, outputs) for label, lib in libraries.items()}
+        iters = {}
+        for label, call in calls.items():
+            call()  # first touch of the outputs, the library's one-time setup
+            iters[label] = max(1, int(args.seconds * 1e6 / time_call(call, 3)))
+        times = {label: [] for label in labels}
+        for r in range(args.rounds):
+            for label in (labels if r % 2 == 0 else labels[::-1]):
+                times[label].append(time_call(calls[label], iters[label]))
+        med = {label: statistics.median(t) for label, t in times.items()}
+        print(f"| {name} | " + " | ".join(f"{med[k]:.1f}" for k in labels) + " | "
+              + " | ".join(f"{med[k] / med[labels[0]]:.2f}x" for k in labels[1:]) + " |")
+
+
+if __name__ == "__main__":
+    main()
