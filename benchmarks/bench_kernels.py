@@ -9,6 +9,7 @@ is the median over the rounds of the mean time per call (microseconds); "A vs B"
 
     python benchmarks/bench_kernels.py                                  # ViT-Ti/16, batch 1
     python benchmarks/bench_kernels.py --preset vit_b_16 --batch 16
+    python benchmarks/bench_kernels.py --copies 12         # 12 layers' inputs and weights in turn: colder caches
     python benchmarks/bench_kernels.py --isas avx512 --library before=/tmp/old/vit_ms_kernels_avx512_....so
 """
 from __future__ import annotations
@@ -24,9 +25,9 @@ import numpy as np
 from vit_ms import get_config  # first: the OpenMP spin default must precede libgomp's loading
 
 
-def kernel_cases(config, batch: int) -> list:
+def kernel_cases(config, batch: int, seed: int = 0) -> list:
     """(kernel name, [input arrays], [output shapes]) at `config`'s shapes for `batch` images."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     n, d, heads, hd, mlp = config.num_patches + 1, config.embed_dim, config.num_heads, config.head_dim, config.mlp_dim
 
     def arr(*shape, scale=1.0):
@@ -37,7 +38,8 @@ def kernel_cases(config, batch: int) -> list:
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
     qkv, scale = arr(batch, n, 3, heads, hd), np.array([hd ** -0.5], np.float32)
-    w_qkv, w_fc1, w_fc2 = arr(3 * d, d, scale=d ** -0.5), arr(mlp, d, scale=d ** -0.5), arr(d, mlp, scale=mlp ** -0.5)
+    w_qkv, w_proj = arr(3 * d, d, scale=d ** -0.5), arr(d, d, scale=d ** -0.5)
+    w_fc1, w_fc2 = arr(mlp, d, scale=d ** -0.5), arr(d, mlp, scale=mlp ** -0.5)
     gamma, beta = 1 + arr(d, scale=0.1), arr(d, scale=0.1)
     rows, hidden_rows = tokens.reshape(batch * n, d), hidden.reshape(batch * n, mlp)
     return [
@@ -51,6 +53,7 @@ def kernel_cases(config, batch: int) -> list:
         ("GeluErfGrad", [hidden, hidden], [hidden.shape]),
         # Dense kernels on 2-D rows (batch * tokens, features), which every build of the library takes.
         ("Linear qkv", [rows, w_qkv, arr(3 * d)], [(batch * n, 3 * d)]),
+        ("Linear proj", [rows, w_proj, arr(d)], [(batch * n, d)]),
         ("Linear fc1", [rows, w_fc1, arr(mlp)], [(batch * n, mlp)]),
         ("Linear fc2", [hidden_rows, w_fc2, arr(d)], [(batch * n, d)]),
         ("LinearGradInput fc1", [hidden_rows, w_fc1], [(batch * n, d)]),
@@ -89,12 +92,13 @@ class Library:
         return call
 
 
-def time_call(call, iters: int) -> float:
-    """Mean microseconds per call over `iters` calls."""
+def time_call(calls, iters: int) -> float:
+    """Mean microseconds per call over `iters` passes through `calls` (one kernel on each set of inputs)."""
     start = time.perf_counter()
     for _ in range(iters):
-        call()
-    return (time.perf_counter() - start) / iters * 1e6
+        for call in calls:
+            call()
+    return (time.perf_counter() - start) / (iters * len(calls)) * 1e6
 
 
 def main(argv=None):
@@ -107,6 +111,9 @@ def main(argv=None):
                    help="comma-separated compiled variants of this checkout (default: every one this CPU runs)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per library (default 5)")
     p.add_argument("--seconds", type=float, default=0.05, help="time per kernel per round (default 0.05)")
+    p.add_argument("--copies", type=int, default=1,
+                   help="distinct input and weight sets, called in turn (default 1: the same, cache-resident "
+                        "data every call; a model's depth, e.g. 12, is closer to what a step sees)")
     args = p.parse_args(argv)
 
     from vit_ms import ops as kernels
@@ -120,23 +127,27 @@ def main(argv=None):
         libraries[label or Path(path).stem] = Library(path)
     config = get_config(args.preset)
     labels = list(libraries)
-    print(f"{args.preset}, batch {args.batch}: microseconds per call, median of {args.rounds} rounds "
+    print(f"{args.preset}, batch {args.batch}, {args.copies} input set(s) in turn: microseconds per call, "
+          f"median of {args.rounds} rounds "
           f"({', '.join(f'{k}: {Path(v.path).name}' for k, v in libraries.items())})\n")
-    print("| kernel | " + " | ".join(labels) + " | " + " | ".join(f"{labels[0]} vs {k}" for k in labels[1:]) + " |")
-    print("|---" * (1 + 2 * len(labels) - 1) + "|")
-    for name, inputs, outputs in kernel_cases(config, args.batch):
-        calls = {label: lib.prepare(name, inputs, outputs) for label, lib in libraries.items()}
+    columns = ["kernel", *labels, *(f"{labels[0]} vs {k}" for k in labels[1:])]
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+    cases = [kernel_cases(config, args.batch, seed) for seed in range(args.copies)]
+    for index, (name, _, outputs) in enumerate(cases[0]):
+        calls = {label: [lib.prepare(name, copy[index][1], outputs) for copy in cases]
+                 for label, lib in libraries.items()}
         iters = {}
-        for label, call in calls.items():
-            call()  # first touch of the outputs, the library's one-time setup
-            iters[label] = max(1, int(args.seconds * 1e6 / time_call(call, 3)))
+        for label, label_calls in calls.items():
+            time_call(label_calls, 1)  # first touch of the outputs, the library's one-time setup
+            iters[label] = max(1, int(args.seconds * 1e6 / (time_call(label_calls, 3) * len(label_calls))))
         times = {label: [] for label in labels}
         for r in range(args.rounds):
             for label in (labels if r % 2 == 0 else labels[::-1]):
                 times[label].append(time_call(calls[label], iters[label]))
         med = {label: statistics.median(t) for label, t in times.items()}
-        print(f"| {name} | " + " | ".join(f"{med[k]:.1f}" for k in labels) + " | "
-              + " | ".join(f"{med[k] / med[labels[0]]:.2f}x" for k in labels[1:]) + " |")
+        cells = [name, *(f"{med[k]:.1f}" for k in labels), *(f"{med[k] / med[labels[0]]:.2f}x" for k in labels[1:])]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
