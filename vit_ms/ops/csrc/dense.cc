@@ -35,8 +35,8 @@ extern "C" int BiasGrad(int nparam, void **params, int *ndims, int64_t **shapes,
 
 // ---- Dense layers on oneDNN's sgemm. MindSpore's CPU wheel ships oneDNN (lib/libdnnl.so.3) but runs
 // MatMul on its own nnacl kernels; oneDNN's JIT sgemm is the MKL-class GEMM PyTorch gets. The library
-// is built (threadpool runtime) to run one sgemm on one thread, so each kernel splits its output rows
-// into one block per OpenMP thread.
+// is built (threadpool runtime) to run one sgemm on one thread, so each kernel splits its output into
+// one block of rows (or of columns, see split_columns) per OpenMP thread.
 #ifdef VIT_MS_DNNL_PATH
 #include <dlfcn.h>
 #include <unistd.h>
@@ -61,11 +61,32 @@ static int64_t l2_bytes() {
   return bytes;
 }
 
-// Row-major C[m, n] = op(A) op(B) + beta C over the OpenMP threads, by blocks of rows, or of columns
-// where C is wider than tall and op(B) outgrows a core's L2: then splitting rows would have every thread
-// stream and pack all of op(B). That is a Dense layer's weight at batch 1 (m = 197 tokens, ViT-B's
-// 768 x 2304 qkv weight is 7 MB): columns measured 5-10 % faster per layer there, the same within noise
-// for ViT-Ti's weights, which fit in L2.
+// Whether an (m, n) product with a (k, n) op(B) is split over the threads by columns rather than rows:
+// where C is wider than tall and op(B) outgrows a core's L2, splitting rows would have every thread
+// stream and pack all of op(B). That is a Dense layer's weight at batch 1 (m = 197 tokens; ViT-B's
+// 768 x 2304 qkv weight is 7 MB): columns measured 5-18 % faster per layer there; for ViT-Ti's weights,
+// which fit in L2, between 17 % slower and 10 % faster, so those keep the row split.
+static bool split_columns(int64_t m, int64_t n, int64_t k) {
+  return n > m && k * n * static_cast<int64_t>(sizeof(float)) > l2_bytes();
+}
+
+// This thread's block of an (m, n) output: rows [r0, r0 + nr) x columns [c0, c0 + nc), possibly empty.
+// Column blocks are whole multiples of kColumnAlign floats.
+struct OutBlock {
+  int64_t r0, nr, c0, nc;
+};
+static OutBlock thread_block(int64_t m, int64_t n, bool by_columns) {
+  const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+  if (by_columns) {
+    const int64_t chunk = ((n + threads - 1) / threads + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+    const int64_t c0 = t * chunk;
+    return {0, m, c0, c0 >= n ? 0 : (n - c0 < chunk ? n - c0 : chunk)};
+  }
+  const int64_t chunk = (m + threads - 1) / threads, r0 = t * chunk;
+  return {r0, r0 >= m ? 0 : (m - r0 < chunk ? m - r0 : chunk), 0, n};
+}
+
+// Row-major C[m, n] = op(A) op(B) + beta C over the OpenMP threads, one block each (`thread_block`).
 // `a_row` is the distance in A between consecutive rows of op(A) (lda without a transpose, 1 with one);
 // `b_col` the distance in B between consecutive columns of op(B) (1 without a transpose, ldb with one).
 // `prologue(r0, nr, c0, nc)` runs on each thread's block first (the bias rows of a Dense layer).
@@ -75,24 +96,17 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
                           Prologue prologue) {
   const sgemm_fn sgemm = dnnl_sgemm_fn();
   if (sgemm == nullptr) return 1;
+  const bool by_columns = split_columns(m, n, k);
   int status = 0;
-  if (n > m && k * n * static_cast<int64_t>(sizeof(float)) > l2_bytes()) {
 #pragma omp parallel
-    {
-      const int64_t threads = omp_get_num_threads();
-      const int64_t chunk = ((n + threads - 1) / threads + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
-      const int64_t c0 = omp_get_thread_num() * chunk;
-      const int64_t nc = c0 >= n ? 0 : (n - c0 < chunk ? n - c0 : chunk);
-      if (nc > 0) {
-        prologue(int64_t{0}, m, c0, nc);
-        if (sgemm(ta, tb, m, nc, k, 1.0f, a, lda, b + c0 * b_col, ldb, beta, c + c0, n) != 0) status = 1;
-      }
+  {
+    const OutBlock o = thread_block(m, n, by_columns);
+    if (o.nr > 0 && o.nc > 0) {
+      prologue(o.r0, o.nr, o.c0, o.nc);
+      if (sgemm(ta, tb, o.nr, o.nc, k, 1.0f, a + o.r0 * a_row, lda, b + o.c0 * b_col, ldb, beta,
+                c + o.r0 * n + o.c0, n) != 0)
+        status = 1;
     }
-  } else {
-    PARALLEL_ROWS(m, if (nr > 0) {
-      prologue(r0, nr, int64_t{0}, n);
-      if (sgemm(ta, tb, nr, n, k, 1.0f, a + r0 * a_row, lda, b, ldb, beta, c + r0 * n, n) != 0) status = 1;
-    })
   }
   return status;
 }
@@ -102,9 +116,8 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
   return parallel_sgemm(ta, tb, m, n, k, a, lda, a_row, b, ldb, b_col, beta, c, [](int64_t, int64_t, int64_t, int64_t) {});
 }
 
-// Shape helpers for x (..., K): the leading axes are rows, kept as they are in the output. Taking them
-// here rather than reshaping around the op saves two graph nodes per Dense layer (at batch 1 each node's
-// launch costs more than a small kernel; in a dynamic-batch graph each also infers and resizes).
+// Shape helper for x (..., K): the leading axes are rows, kept as they are in the output, as nn.Dense
+// does; taking them here rather than reshaping around the op saves two graph nodes per Dense layer.
 static std::vector<int64_t> with_last(int ndim, const int64_t *shape, int64_t last) {
   std::vector<int64_t> out(shape, shape + ndim);
   out.back() = last;
@@ -144,7 +157,7 @@ extern "C" int LinearGradInput(int nparam, void **params, int *ndims, int64_t **
 
 // (dy (..., N), x (..., K)) -> dw = dy^T x, (N, K), summed over all leading axes
 extern "C" std::vector<int64_t> LinearGradWeightInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return std::vector<int64_t>{shapes[0][ndims[0] - 1], shapes[1][ndims[1] - 1]};
+  return std::vector<int64_t>{last_dim(ndims[0], shapes[0]), last_dim(ndims[1], shapes[1])};
 }
 extern "C" int LinearGradWeight(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
