@@ -1,5 +1,5 @@
 """Eval-mode attention on the fused kernels: three kernels (scores, softmax, values: what training runs)
-against the one kernel eval runs (`vit_ms.ops.attention_inference`), side by side in one process.
+against the one kernel eval runs (`vit_ms.ops.fused_attention`), side by side in one process.
 
 Each form runs as a compiled graph of 12 attention calls (a ViT's depth), each on its own input so no
 call is folded into another; the two forms alternate round by round and each figure is the median.
@@ -25,7 +25,7 @@ def build(form: str, scale: float):
     from vit_ms import ops as kernels
 
     scores, values = kernels.attention()
-    softmax, fused = kernels.softmax(), kernels.attention_inference()
+    softmax, fused = kernels.softmax(), kernels.fused_attention()
     scale_t = ms.Tensor([scale], ms.float32)
 
     class Twelve(nn.Cell):

@@ -48,7 +48,8 @@ def kernel_cases(config, batch: int, seed: int = 0) -> list:
         ("LayerNormParamGrad", [tokens, tokens, eps], [(2, d)]),
         ("Softmax", [scores], [scores.shape]),
         ("SoftmaxGrad", [probs, scores], [scores.shape]),
-        ("AttentionInfer", [qkv, scale], [(batch, n, heads, hd)]),
+        ("Attention", [qkv, scale], [(batch, n, heads, hd)]),
+        ("AttentionGrad", [tokens.reshape(batch, n, heads, hd), qkv, scale], [qkv.shape]),
         ("GeluErf", [hidden], [hidden.shape]),
         ("GeluErfGrad", [hidden, hidden], [hidden.shape]),
         # Dense kernels on 2-D rows (batch * tokens, features), which every build of the library takes.
@@ -73,8 +74,12 @@ class Library:
         self.lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
 
     def prepare(self, name: str, inputs, output_shapes):
-        """A zero-argument callable running kernel `name` once (raises if it reports an error)."""
-        fn = getattr(self.lib, name.split()[0])
+        """A zero-argument callable running kernel `name` once (raises if it reports an error), or None
+        where this build has no such kernel (an older one)."""
+        symbol = name.split()[0]
+        if not hasattr(self.lib, symbol):
+            return None
+        fn = getattr(self.lib, symbol)
         fn.restype, fn.argtypes = ctypes.c_int, self.SIGNATURE
         arrays = list(inputs) + [np.empty(shape, np.float32) for shape in output_shapes]
         count = len(arrays)
@@ -137,16 +142,22 @@ def main(argv=None):
     for index, (name, _, outputs) in enumerate(cases[0]):
         calls = {label: [lib.prepare(name, copy[index][1], outputs) for copy in cases]
                  for label, lib in libraries.items()}
+        calls = {label: label_calls for label, label_calls in calls.items() if None not in label_calls}
         iters = {}
         for label, label_calls in calls.items():
             time_call(label_calls, 1)  # first touch of the outputs, the library's one-time setup
             iters[label] = max(1, int(args.seconds * 1e6 / (time_call(label_calls, 3) * len(label_calls))))
-        times = {label: [] for label in labels}
+        present = [label for label in labels if label in calls]  # "-" for a build without this kernel
+        times = {label: [] for label in present}
         for r in range(args.rounds):
-            for label in (labels if r % 2 == 0 else labels[::-1]):
+            for label in (present if r % 2 == 0 else present[::-1]):
                 times[label].append(time_call(calls[label], iters[label]))
         med = {label: statistics.median(t) for label, t in times.items()}
-        cells = [name, *(f"{med[k]:.1f}" for k in labels), *(f"{med[k] / med[labels[0]]:.2f}x" for k in labels[1:])]
+
+        def ratio(k):
+            return f"{med[k] / med[labels[0]]:.2f}x" if k in med and labels[0] in med else "-"
+
+        cells = [name, *(f"{med[k]:.1f}" if k in med else "-" for k in labels), *(ratio(k) for k in labels[1:])]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -108,9 +108,14 @@ def test_fast_and_plain_logits_agree(isa, execution, gelu_approximate):
         ms.set_context(mode=previous)
 
 
-def test_fast_and_plain_gradients_agree(isa):
+@pytest.mark.parametrize("attention", ["one kernel", "three kernels"])
+def test_fast_and_plain_gradients_agree(isa, attention, monkeypatch):
     # The fused kernels bring their own backward (GELU's both forms: test_kernels.py); the patch matmul
-    # must send gradients to the conv weight.
+    # must send gradients to the conv weight. Training runs attention as one kernel (probabilities
+    # recomputed in its backward) unless it needs the probabilities: attention dropout, which the
+    # three-kernel path (scores, softmax, values) serves, checked here with the dropout itself off.
+    if attention == "three kernels":
+        monkeypatch.setattr(layers.AttentionCore, "one_kernel", lambda self: False)
     config = SMALL
     fast, plain = _pair(config, seed=2)
     x, y = _images(4, seed=3), np.array([1, 3, 5, 7], np.int32)
@@ -130,6 +135,32 @@ def test_fast_and_plain_gradients_agree(isa):
         for name, grad in grads.items():
             expected = ref_grads[names[name]].grad.numpy()
             assert_within(grad, expected, gradient_bound(config, rows, expected), f"fast={net.fast} d {name}")
+
+
+def test_attention_is_one_kernel_unless_training_needs_the_probabilities(monkeypatch):
+    # Attention dropout applies to the probabilities, which the one kernel never forms: such a network
+    # trains on the three kernels and still evaluates on the one. Which form each block really ran is
+    # recorded in PyNative mode, where construct runs as Python.
+    calls = []
+    for method in ("attend", "probs"):
+        original = getattr(layers.AttentionCore, method)
+        monkeypatch.setattr(layers.AttentionCore, method,
+                            lambda self, *args, _f=original, _m=method: calls.append(_m) or _f(self, *args))
+    x, y = ms.Tensor(_images(2, seed=3)), ms.Tensor(np.array([1, 3], np.int32))
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        for dropout, training_form in ((0.0, "attend"), (0.1, "probs")):
+            net = create_model(dataclasses.replace(SMALL, attention_dropout=dropout), fast=True)
+            for training, form in ((True, training_form), (False, "attend")):
+                net.set_train(training)
+                calls.clear()
+                loss, grads = ms.value_and_grad(nn.WithLossCell(net, nn.CrossEntropyLoss()), None,
+                                                net.trainable_params())(x, y)
+                assert calls == [form] * SMALL.depth, (dropout, training, calls)
+                assert np.isfinite(loss.asnumpy()) and all(np.isfinite(g.asnumpy()).all() for g in grads)
+    finally:
+        ms.set_context(mode=previous)
 
 
 def test_checkpoint_from_one_path_loads_into_the_other(tmp_path):
@@ -239,7 +270,7 @@ def test_on_cpu_every_layer_is_fused_and_the_decision_is_logged_once(caplog, mon
     records = [r for r in caplog.records if r.name == "vit_ms.layers"]
     assert [r.getMessage() for r in records] == ["vit_ms layers: fused CPU kernels (CPU, float32)"]
     parts = _fused_parts(net)
-    assert net.blocks[0].attn.core.inference_kernel is not None  # eval's one-kernel attention
+    assert net.blocks[0].attn.core.kernel is not None  # the one-kernel attention
     assert {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn.core", "blocks.1.mlp.act", "norm",
             "head"} <= set(parts)
 
@@ -283,7 +314,7 @@ def test_without_onednn_the_dense_and_attention_steps_fall_back(monkeypatch, tmp
     assert kernels.gelu(False) is not None  # the other kernels still build
     fast, _ = _pair(SMALL, seed=10)
     assert fast.blocks[0].attn.core.scores_kernel is None and fast.blocks[0].mlp.fc1.linear is None
-    assert fast.blocks[0].attn.core.inference_kernel is None
+    assert fast.blocks[0].attn.core.kernel is None
     assert fast.blocks[0].mlp.fc1.add_bias is not None
     _assert_close_to_reference(fast, SMALL, _images(2, seed=11), "without oneDNN")
 

@@ -124,32 +124,73 @@ def test_attention_kernels_read_heads_in_place(isa, mode):
     _check_sums(values, torch_values, [probs, qkv], k=max(n, dim) + 1)
 
 
-def test_fused_inference_attention_is_softmax_attention(isa, mode):
-    """The one-kernel eval attention against float64, with query rows split into blocks (131 tokens: 3
-    blocks of 44) over 3 heads and 2 samples."""
-    op = kernels.attention_inference(isa)
+class _FusedAttention(nn.Cell):
+    """The one-kernel attention with its scale tensor bound: op(qkv)."""
+
+    def __init__(self, op, scale):
+        super().__init__()
+        self.op = op
+        self.scale = ms.Tensor([scale], ms.float32)
+
+    def construct(self, qkv):
+        return self.op(qkv, self.scale)
+
+
+def test_fused_attention_and_its_backward(isa, mode):
+    """The one-kernel attention and its one-kernel backward (probabilities recomputed) against float64,
+    with query rows split into blocks in the forward (131 tokens: 3 blocks of 44) over 3 heads and 2
+    samples."""
     b, n, heads, dim = 2, 131, 3, 8
     qkv = _normal(b, n, 3, heads, dim)
     scale = np.float32(dim ** -0.5)
-    out = op(ms.Tensor(qkv), ms.Tensor(np.array([scale]))).asnumpy()  # (B, N, heads, head_dim)
+    upstream = _normal(b, n, heads, dim, seed=4)
+    out, (dqkv,) = _ours(_FusedAttention(kernels.fused_attention(isa), scale), [qkv], upstream, 1)
 
-    t = qkv.astype(np.float64).transpose(0, 3, 2, 1, 4)  # (B, heads, 3, N, head_dim)
+    def torch_attention(t):
+        t = t.permute(0, 3, 2, 1, 4)  # (B, heads, 3, N, head_dim)
+        p = torch.softmax(float(scale) * t[:, :, 0] @ t[:, :, 1].transpose(-1, -2), dim=-1)
+        return (p @ t[:, :, 2]).transpose(1, 2)  # (B, N, heads, head_dim)
+
+    expected, (expected_dqkv,) = _torch(torch_attention, [qkv], upstream, 1)
+
+    # Magnitudes and exact intermediates in float64, per (sample, head): (B, heads, N, ...).
+    t = qkv.astype(np.float64).transpose(0, 3, 2, 1, 4)
     q, k, v = t[:, :, 0], t[:, :, 1], t[:, :, 2]
-    s = float(scale) * q @ k.swapaxes(-1, -2)  # (B, heads, N, N)
+    d_out = upstream.astype(np.float64).transpose(0, 2, 1, 3)
+    s = float(scale) * q @ k.swapaxes(-1, -2)
     m = s.max(axis=-1, keepdims=True)
     p = np.exp(s - m)
     p /= p.sum(axis=-1, keepdims=True)
-    expected = (p @ v).transpose(0, 2, 1, 3)
-    # Each score is a float32 sum of head_dim products times the scale: off by at most e_s = gamma(dim + 2)
-    # scale |q| |k|^T. Scores off by at most e in a row move each probability by a factor within exp(+-2e)
-    # (numerator and denominator); the softmax itself rounds as in test_softmax_kernel. The output sums N
-    # products of those probabilities and v: gamma(N + 1) more, relative to P |v|.
+    # Forward. Each score is a float32 sum of head_dim products times the scale: off by at most
+    # e_s = gamma(dim + 2) scale |q| |k|^T. Scores off by at most e in a row move each probability by a factor
+    # within exp(+-2e) (numerator and denominator); the softmax itself rounds as in test_softmax_kernel. The
+    # output sums N products of those probabilities and v: gamma(N + 1) more, relative to P |v|.
     e_s = gamma(dim + 2) * float(scale) * np.abs(q) @ np.abs(k).swapaxes(-1, -2)
     e_max = e_s.max(axis=-1, keepdims=True)
     rel_p = np.expm1(2 * e_max) + U * (np.abs(s - m).max(axis=-1, keepdims=True) + 2 * e_max) + gamma(n + 4)
-    magnitude = p @ np.abs(v)  # (B, heads, N, head_dim)
-    bound = (rel_p + gamma(n + 1) * (1 + rel_p)) * magnitude
+    bound = (rel_p + gamma(n + 1) * (1 + rel_p)) * (p @ np.abs(v))
     _assert_within(out, expected, bound.transpose(0, 2, 1, 3), "fused attention")
+
+    # Backward, first order in u, step by step as the kernel computes it (P recomputed as above, e_p):
+    #   dP = dO v^T            head_dim products and a rounding:    e_dp = gamma(dim + 1) |dO| |v|^T
+    #   r = sum_j P_j dP_j     N rounded products summed:           e_r  = sum(e_p |dP| + P e_dp) + gamma(N + 1) sum(P |dP|)
+    #   dS = P (dP - r)        a subtraction and a product:         e_ds = e_p |dP - r| + P (e_dp + e_r) + gamma(2) P |dP - r|
+    #   dq = scale dS k, dk = scale dS^T q   N products, the scale: e_ds |k| scale + gamma(N + 2) scale |dS| |k|, ...
+    #   dv = P^T dO            N products:                          e_p^T |dO| + gamma(N + 1) P^T |dO|
+    e_p = rel_p * p
+    dp = d_out @ v.swapaxes(-1, -2)
+    e_dp = gamma(dim + 1) * np.abs(d_out) @ np.abs(v).swapaxes(-1, -2)
+    r = (p * dp).sum(axis=-1, keepdims=True)
+    e_r = (e_p * np.abs(dp) + p * e_dp).sum(axis=-1, keepdims=True) + gamma(n + 1) * (p * np.abs(dp)).sum(
+        axis=-1, keepdims=True)
+    ds = p * (dp - r)
+    e_ds = e_p * np.abs(dp - r) + p * (e_dp + e_r) + gamma(2) * p * np.abs(dp - r)
+    c = float(scale)
+    bound_q = c * (e_ds @ np.abs(k) + gamma(n + 2) * np.abs(ds) @ np.abs(k))
+    bound_k = c * (e_ds.swapaxes(-1, -2) @ np.abs(q) + gamma(n + 2) * np.abs(ds).swapaxes(-1, -2) @ np.abs(q))
+    bound_v = e_p.swapaxes(-1, -2) @ np.abs(d_out) + gamma(n + 1) * p.swapaxes(-1, -2) @ np.abs(d_out)
+    bound_dqkv = np.stack([bound_q, bound_k, bound_v], axis=2).transpose(0, 3, 2, 1, 4)  # (B, N, 3, heads, dim)
+    _assert_within(dqkv, expected_dqkv, bound_dqkv, "fused attention gradient")
 
 
 def test_softmax_kernel(isa, mode):

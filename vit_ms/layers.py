@@ -178,26 +178,30 @@ class AttentionCore(nn.Cell):
     """softmax(q k^T / sqrt(d_h)) v from the qkv projection's output viewed as (B, N, 3, heads, head_dim).
 
     The fused form reads q, k and v where the projection wrote them: no head split, no transposes
-    (MindSpore's CPU Transpose holds an offset table of 2x the tensor for the graph's lifetime).
+    (MindSpore's CPU Transpose holds an offset table of 2x the tensor for the graph's lifetime). It computes
+    the whole core in one kernel (`attend`), forward and backward, unless the probabilities themselves are
+    needed: `probs` for attention maps, or attention dropout while training, which applies between the
+    softmax and the values.
     """
 
-    def __init__(self, head_dim: int, *, fused: bool):
+    def __init__(self, head_dim: int, *, fused: bool, dropout: float = 0.0):
         super().__init__()
         self.scale = head_dim ** -0.5
+        self.dropout = dropout
         kernels = _ops().attention() if fused else None
         self.scores_kernel, self.values_kernel = kernels or (None, None)
         self.softmax_kernel = _ops().softmax() if fused else None
-        self.inference_kernel = _ops().attention_inference() if fused else None
+        self.kernel = _ops().fused_attention() if fused else None
         self.scale_tensor = ms.Tensor([self.scale], ms.float32)
 
-    def fused_inference(self) -> bool:
-        """Whether `attend` may run: the single-kernel form, in eval mode only (it keeps nothing for a
-        backward, and attention dropout is off)."""
-        return not self.training and self.inference_kernel is not None
+    def one_kernel(self) -> bool:
+        """Whether `attend` may run: the fused kernel, in eval mode, or in training without attention
+        dropout (the kernel has no dropout inside)."""
+        return self.kernel is not None and (not self.training or self.dropout == 0.0)
 
     def attend(self, qkv):
         """softmax(q k^T / sqrt(d_h)) v in one kernel, heads merged: (B, N, heads, head_dim)."""
-        return self.inference_kernel(qkv, self.scale_tensor)
+        return self.kernel(qkv, self.scale_tensor)
 
     def probs(self, qkv):
         """softmax over the keys of q k^T / sqrt(d_h): (B, heads, N, N)."""

@@ -50,7 +50,7 @@ class Attention(nn.Cell):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.qkv = linear(config.embed_dim, 3 * config.embed_dim, fused=fused)
-        self.core = AttentionCore(config.head_dim, fused=fused)
+        self.core = AttentionCore(config.head_dim, fused=fused, dropout=config.attention_dropout)
         self.attn_drop = nn.Dropout(p=config.attention_dropout)
         self.proj = linear(config.embed_dim, config.embed_dim, fused=fused)
 
@@ -67,9 +67,9 @@ class Attention(nn.Cell):
         return self.proj(x.reshape(-1, n, d)), probs  # heads concatenated, then projected
 
     def construct(self, x):
-        if not self.core.fused_inference():
+        if not self.core.one_kernel():
             return self.forward_with_probs(x)[0]
-        # Eval on the fused kernels: the same math in one kernel that never writes (B, heads, N, N).
+        # The same math in one kernel (and one for the backward) that never writes (B, heads, N, N).
         _, n, d = x.shape
         return self.proj(self.core.attend(self.heads(x)).reshape(-1, n, d))
 
@@ -100,14 +100,17 @@ class Block(nn.Cell):
         self.drop_path = DropPath(drop_path)
 
     def forward_with_probs(self, x):
-        """Tokens (B, N, D) -> (tokens (B, N, D), this block's attention probabilities)."""
+        """Tokens (B, N, D) -> (tokens (B, N, D), this block's attention probabilities): `construct` with
+        the probabilities formed and returned, which the one-kernel attention never forms."""
         attended, probs = self.attn.forward_with_probs(self.norm1(x))
         x = x + self.drop_path(attended)  # (2)
         x = x + self.drop_path(self.mlp(self.norm2(x)))  # (3)
         return x, probs
 
     def construct(self, x):
-        return self.forward_with_probs(x)[0]
+        x = x + self.drop_path(self.attn(self.norm1(x)))  # (2)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))  # (3)
+        return x
 
 
 class ViT(nn.Cell):

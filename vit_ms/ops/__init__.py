@@ -198,14 +198,22 @@ def attention(isa: Optional[str] = None):
             _custom(path, "AttentionValues", 2, values_bprop))
 
 
-def attention_inference(isa: Optional[str] = None):
-    """`op(qkv, scale) -> softmax(scale q k^T) v` as (B, N, heads, head_dim), in one kernel with no
-    backward (for networks in eval mode): what `attention()`'s two products and `softmax()` compute, with
-    the scores kept per block of query rows in cache. None where `attention()` would be None."""
+def fused_attention(isa: Optional[str] = None):
+    """`op(qkv, scale) -> softmax(scale q k^T) v` as (B, N, heads, head_dim), in one kernel, with a one-kernel
+    backward that recomputes the probabilities per head instead of keeping them (as flash attention does):
+    what `attention()`'s two products and `softmax()` compute, with no (B, heads, N, N) tensor in either
+    direction. None where `attention()` would be None."""
+    from mindspore import ops
+
     path = library(isa)
     if path is None or dnnl_library() is None:
         return None
-    return _custom(path, "AttentionInfer", 2)
+    grad = _custom(path, "AttentionGrad", 3)
+
+    def bprop(qkv, scale, out, dout):
+        return grad(dout, qkv, scale), ops.zeros_like(scale)
+
+    return _custom(path, "Attention", 2, bprop)
 
 
 def softmax(isa: Optional[str] = None):
@@ -236,5 +244,5 @@ def patchify(isa: Optional[str] = None):
 
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
-           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "attention", "attention_inference",
+           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "attention", "fused_attention",
            "softmax", "patchify"]

@@ -123,18 +123,17 @@ extern "C" int AttentionValuesGradQKV(int nparam, void **params, int *ndims, int
                            h.heads * h.dim, 0.0f, dqkv + h.at(i, 2), h.row());
   });
 }
-// ---- Inference: softmax(scale q k^T) v in one kernel (qkv, scale[1]) -> (B, N, heads, head_dim), as
-// AttentionScores, Softmax and AttentionValues would give, with nothing to keep for a backward. The work is
-// split into (sample, head, block of query rows) items: each row's softmax needs only its own scores, so a
-// block's scores live in two per-thread buffers that stay in cache, never in a (B, heads, N, N) tensor, and
-// ViT-Ti's 3 heads at batch 1 become 12 items, where one item per head left one of 2 threads idle a third
-// of the time. The products are the same sgemm calls on fewer rows.
-extern "C" std::vector<int64_t> AttentionInferInferShape(int *ndims, int64_t **shapes, void *extra) {
+// ---- softmax(scale q k^T) v in one kernel, (qkv, scale[1]) -> (B, N, heads, head_dim), as AttentionScores,
+// Softmax and AttentionValues would give, with no (B, heads, N, N) tensor written. The work is split into
+// (sample, head, block of query rows) items: each row's softmax needs only its own scores, so a block's
+// scores live in two per-thread buffers that stay in cache, and ViT-Ti's 3 heads at batch 1 become 12
+// items, where one item per head left one of 2 threads idle a third of the time.
+extern "C" std::vector<int64_t> AttentionInferShape(int *ndims, int64_t **shapes, void *extra) {
   const int64_t *s = shapes[0];
   return std::vector<int64_t>{s[0], s[1], s[3], s[4]};
 }
-extern "C" int AttentionInfer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                              void *stream, void *extra) {
+extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                         void *extra) {
   Heads h;
   if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[0], shapes[0], &h)) return 1;
   const sgemm_fn sgemm = dnnl_sgemm_fn();
@@ -163,6 +162,47 @@ extern "C" int AttentionInfer(int nparam, void **params, int *ndims, int64_t **s
       if (sgemm('N', 'N', rows, h.dim, h.n, 1.0f, probs.data(), h.n, qkv + h.at(i, 2), h.row(), 0.0f,
                 out + h.out(i) + r0 * out_row, out_row) != 0)
         status = 1;
+    }
+  }
+  return status;
+}
+
+// (dO (B, N, heads, head_dim), qkv, scale[1]) -> d qkv, Attention's backward: per (sample, head), in two
+// per-thread N x N buffers,
+//   P = softmax(scale q k^T)               recomputed, as flash attention's backward does, not kept
+//   dS = P (dP - rowsum(P dP)), dP = dO v^T
+//   dq = scale dS k, dk = scale dS^T q, dv = P^T dO   each written once, straight into its part of d qkv.
+// The three-kernel path instead keeps P (B, heads, N, N) from the forward for the backward and writes
+// scores, dP and dS as whole tensors (each 2-8x a core's L2 at batch 16), zero-fills two thirds of two
+// d qkv tensors and adds them; recomputing costs one more q k^T product (a sixth of the attention flops).
+extern "C" std::vector<int64_t> AttentionGradInferShape(int *ndims, int64_t **shapes, void *extra) {
+  return std::vector<int64_t>(shapes[1], shapes[1] + ndims[1]);
+}
+extern "C" int AttentionGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  Heads h;
+  if (nparam != 4 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[1], shapes[1], &h)) return 1;
+  const sgemm_fn sgemm = dnnl_sgemm_fn();
+  if (sgemm == nullptr) return 1;
+  const float *dout = static_cast<const float *>(params[0]), *qkv = static_cast<const float *>(params[1]);
+  const float scale = *static_cast<const float *>(params[2]);
+  float *dqkv = static_cast<float *>(params[3]);
+  const int64_t n = h.n, d = h.dim, row = h.row(), out_row = h.heads * h.dim;
+  int status = 0;
+#pragma omp parallel
+  {
+    std::vector<float> p(n * n), ds(n * n);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < h.count(); ++i) {
+      const float *q = qkv + h.at(i, 0), *k = qkv + h.at(i, 1), *v = qkv + h.at(i, 2), *dO = dout + h.out(i);
+      int s = sgemm('N', 'T', n, n, d, scale, q, row, k, row, 0.0f, ds.data(), n);
+      softmax_rows(ds.data(), p.data(), n, n);
+      s |= sgemm('N', 'T', n, n, d, 1.0f, dO, out_row, v, row, 0.0f, ds.data(), n);
+      softmax_grad_rows(p.data(), ds.data(), ds.data(), n, n);
+      s |= sgemm('N', 'N', n, d, n, scale, ds.data(), n, k, row, 0.0f, dqkv + h.at(i, 0), row);
+      s |= sgemm('T', 'N', n, d, n, scale, ds.data(), n, q, row, 0.0f, dqkv + h.at(i, 1), row);
+      s |= sgemm('T', 'N', n, d, n, 1.0f, p.data(), n, dO, out_row, 0.0f, dqkv + h.at(i, 2), row);
+      if (s != 0) status = 1;
     }
   }
   return status;

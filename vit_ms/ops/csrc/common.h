@@ -89,8 +89,11 @@ static inline int64_t last_dim(int ndim, const int64_t *shape) { return ndim > 0
 VIT_MS_INTERNAL void column_sums(const float *x, const float *dy, float *out, int64_t rows, int64_t d, float eps, int64_t width);
 
 // Softmax of each of `rows` rows of length d, x and y distinct. Defined in softmax.cc, used by the fused
-// inference attention too.
+// attention too.
 VIT_MS_INTERNAL void softmax_rows(const float *__restrict x, float *__restrict y, int64_t rows, int64_t d);
+// Its gradient from the output y: dx = y (dy - sum(dy y)) per row; dx may be dy. Used by the fused attention's
+// backward too.
+VIT_MS_INTERNAL void softmax_grad_rows(const float *__restrict y, const float *dy, float *dx, int64_t rows, int64_t d);
 
 #ifdef VIT_MS_DNNL_PATH
 // oneDNN's sgemm from the MindSpore wheel's libdnnl.so.3 (dlopen'ed once; null if missing). dense.cc.

@@ -21,9 +21,9 @@ void softmax_rows(const float *__restrict x, float *__restrict y, int64_t rows, 
   }
 }
 
-// dx = y * (dy - sum(dy * y)), row by row
-static void softmax_grad_rows(const float *__restrict y, const float *__restrict dy,
-                                            float *__restrict dx, int64_t rows, int64_t d) {
+// dx = y * (dy - sum(dy * y)), row by row; dx may be dy (each dx_j is written after the row's sum, from
+// dy_j alone), which the fused attention's backward uses to keep one buffer fewer per thread.
+void softmax_grad_rows(const float *__restrict y, const float *dy, float *dx, int64_t rows, int64_t d) {
   for (int64_t r = 0; r < rows; ++r) {
     const float *yr = y + r * d, *dyr = dy + r * d;
     float s = 0.0f;
