@@ -163,6 +163,26 @@ def test_attention_is_one_kernel_unless_training_needs_the_probabilities(monkeyp
         ms.set_context(mode=previous)
 
 
+def test_eval_runs_fc1_and_gelu_as_one_kernel(monkeypatch):
+    # In eval the MLP's fc1 and GELU are one kernel (its values: test_kernels.py and the logits tests
+    # above); training runs them apart, since GELU's backward needs the product. Recorded in PyNative mode.
+    calls = []
+    original = layers.GELU.construct
+    monkeypatch.setattr(layers.GELU, "construct", lambda self, x: calls.append("gelu") or original(self, x))
+    net = create_model(SMALL, fast=True)
+    x = ms.Tensor(_images(2, seed=3))
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        for training, expected in ((False, []), (True, ["gelu"] * SMALL.depth)):
+            net.set_train(training)
+            calls.clear()
+            assert np.isfinite(net(x).asnumpy()).all()
+            assert calls == expected, (training, calls)
+    finally:
+        ms.set_context(mode=previous)
+
+
 def test_checkpoint_from_one_path_loads_into_the_other(tmp_path):
     fast, plain = _pair(SMALL, seed=4)
     x = _images(2, seed=5)

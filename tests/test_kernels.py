@@ -100,6 +100,33 @@ def test_dense_kernel_with_a_weight_beyond_l2_splits_columns(isa, mode):
                 [_normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)], k=max(rows, k, n) + 2)
 
 
+@pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
+def test_dense_kernel_with_gelu_is_gelu_of_x_wt_plus_b(isa, approximate):
+    """Eval's fc1 + GELU in one kernel, rows split over the threads (37) and, with a weight beyond L2,
+    columns (5 rows, 2050 columns: GELU on each thread's column block)."""
+    op = kernels.linear_gelu(approximate, isa)
+    for rows, k, n in ((37, 24, 16), (5, 640, 2050)):
+        x, w, b = _normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)
+        out = op(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b)).asnumpy()
+        x64, w64, b64 = (a.astype(np.float64) for a in (x, w, b))
+        y = x64 @ w64.T + b64
+        expected = torch.nn.functional.gelu(torch.from_numpy(y), approximate="tanh" if approximate else "none").numpy()
+        # The product is off by e_y <= gamma(k + 2) (|x| |w|^T + |b|) (test_dense_kernel_is_x_wt_plus_b); GELU's
+        # slope is at most 1.13 (Phi(x) + x phi(x) peaks at 1.129, at x = sqrt 2; the tanh form within 1e-3 of
+        # it), so that moves the output by <= 1.13 e_y; GELU's own error is test_gelu_kernel's 8 u (|GELU| + |y| / 2).
+        e_y = gamma(k + 2) * (np.abs(x64) @ np.abs(w64).T + np.abs(b64))
+        bound = 1.13 * e_y + 8 * U * (np.abs(expected) + 0.5 * np.abs(y) + 1.13 * e_y)
+        _assert_within(out, expected, bound, f"GELU(x w^T + b), {rows} x {k} x {n}")
+    # Its backward recomputes the product and runs the Dense and GELU backward kernels (each checked against
+    # float64 above and in test_gelu_kernel): the same float32 operations as the two layers apart.
+    linear, gelu = kernels.linear(isa), kernels.gelu(approximate, isa)
+    inputs, upstream = [_normal(37, 24), _normal(16, 24, seed=1), _normal(16, seed=2)], _normal(37, 16, seed=4)
+    _, grads = _ours(op, inputs, upstream, 3)
+    _, apart = _ours(lambda x, w, b: gelu(linear(x, w, b)), inputs, upstream, 3)
+    for name, grad, expected in zip(("x", "w", "b"), grads, apart):
+        np.testing.assert_array_equal(grad, expected, err_msg=f"gradient of {name}")
+
+
 def test_add_bias_kernel(isa, mode):
     # x + b is one rounding; the bias gradient sums 37 rows.
     _check_sums(kernels.add_bias(isa), lambda x, b: x + b, [_normal(37, 16), _normal(16, seed=1)], k=37 + 1)

@@ -156,6 +156,12 @@ class GELU(nn.Cell):
         return self.kernel(x)
 
 
+def linear_gelu(approximate: bool, *, fused: bool):
+    """The one-kernel GELU(x w^T + b) that eval uses for a Dense layer followed by GELU, `op(x, w, b)`, or
+    None (not fused, or the kernel cannot build): the hidden activations then exist once, not twice."""
+    return _ops().linear_gelu(approximate) if fused else None
+
+
 class DropPath(nn.Cell):
     """Stochastic depth: drop a sample's whole residual branch with probability p while training."""
 
@@ -264,4 +270,4 @@ class PatchProjection(nn.Conv2d):
 
 
 __all__ = ["FUSED_ENV", "use_fused_kernels", "linear", "FusedLinear", "layer_norm", "FusedLayerNorm", "GELU",
-           "DropPath", "AttentionCore", "PatchProjection"]
+           "linear_gelu", "DropPath", "AttentionCore", "PatchProjection"]

@@ -174,6 +174,33 @@ def linear(isa: Optional[str] = None):
     return _custom(path, "Linear", 3, bprop)
 
 
+def linear_gelu(approximate: bool, isa: Optional[str] = None):
+    """`op(x, w, b) -> GELU(x w^T + b)` in one kernel, GELU applied to each thread's block of the product
+    while it is in cache, so the product is never a tensor of its own: for networks in eval mode. Its
+    backward recomputes the product (for gradients of a network in eval mode, e.g. saliency maps; training
+    runs `linear()` and `gelu()` apart, keeping the product). None where `linear()` would be None.
+
+    Args:
+        approximate: True for the tanh form, False for the exact erf form.
+        isa: the compiled variant (default `$VIT_MS_KERNEL_ISA`).
+    """
+    path = library(isa)
+    if path is None or dnnl_library() is None:
+        return None
+    name = "GeluTanh" if approximate else "GeluErf"
+    product = _custom(path, "Linear", 3)
+    gelu_grad = _custom(path, name + "Grad", 2)
+    grad_x = _custom(path, "LinearGradInput", 2)
+    grad_w = _custom(path, "LinearGradWeight", 2)
+    grad_b = _custom(path, "BiasGrad", 1)
+
+    def bprop(x, w, b, out, dout):
+        dy = gelu_grad(product(x, w, b), dout)
+        return grad_x(dy, w), grad_w(dy, x), grad_b(dy)
+
+    return _custom(path, "Linear" + name, 3, bprop)
+
+
 def attention(isa: Optional[str] = None):
     """`(scores, values)` on the qkv projection's output viewed as (B, N, 3, heads, head_dim), in place:
     `scores(qkv, scale) -> scale q k^T` (B, heads, N, N), with `scale` a float32 tensor of shape (1,), and
@@ -244,5 +271,5 @@ def patchify(isa: Optional[str] = None):
 
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
-           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "attention", "fused_attention",
+           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_gelu", "attention", "fused_attention",
            "softmax", "patchify"]

@@ -95,6 +95,11 @@ VIT_MS_INTERNAL void softmax_rows(const float *__restrict x, float *__restrict y
 // backward too.
 VIT_MS_INTERNAL void softmax_grad_rows(const float *__restrict y, const float *dy, float *dx, int64_t rows, int64_t d);
 
+// GELU of n floats, exact (erf) and tanh forms; y may be x. Defined in gelu.cc, used by the Dense kernel
+// that applies GELU to its own output too.
+VIT_MS_INTERNAL void gelu_erf(const float *x, float *y, int64_t n);
+VIT_MS_INTERNAL void gelu_tanh(const float *x, float *y, int64_t n);
+
 #ifdef VIT_MS_DNNL_PATH
 // oneDNN's sgemm from the MindSpore wheel's libdnnl.so.3 (dlopen'ed once; null if missing). dense.cc.
 typedef int (*sgemm_fn)(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,

@@ -27,7 +27,7 @@ static const float kInvSqrt2Pi = 0.39894228040143268f;  // 1 / sqrt(2 pi)
 static const float kSqrt2OverPi = 0.79788456080286536f; // sqrt(2 / pi)
 static const float kCubic = 0.044715f;
 
-static void gelu_erf(const float *__restrict x, float *__restrict y, int64_t n) {
+void gelu_erf(const float *x, float *y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = 0.5f * x[i] * (1.0f + erf_f(x[i] * kSqrtHalf));
 }
 
@@ -41,7 +41,7 @@ static void gelu_erf_grad(const float *__restrict x, const float *__restrict dy,
 }
 
 // y = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-static void gelu_tanh(const float *__restrict x, float *__restrict y, int64_t n) {
+void gelu_tanh(const float *x, float *y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     const float u = kSqrt2OverPi * (v + kCubic * v * v * v);
