@@ -163,11 +163,14 @@ class _FusedAttention(nn.Cell):
         return self.op(qkv, self.scale)
 
 
-def test_fused_attention_and_its_backward(isa, mode):
+@pytest.mark.parametrize("b", [2, 1])
+def test_fused_attention_and_its_backward(isa, mode, b):
     """The one-kernel attention and its one-kernel backward (probabilities recomputed) against float64,
-    with query rows split into blocks in the forward (131 tokens: 3 blocks of 44) over 3 heads and 2
-    samples."""
-    b, n, heads, dim = 2, 131, 3, 8
+    with query rows split into blocks in the forward (131 tokens: 3 blocks of 44) over 3 heads. With 2
+    samples the backward runs one (sample, head) pair per work item; with 1 sample on 2 threads (3 pairs,
+    uneven) each pair is split into row blocks and column blocks of shared P and dS
+    (`attention_grad_split`)."""
+    n, heads, dim = 131, 3, 8
     qkv = _normal(b, n, 3, heads, dim)
     scale = np.float32(dim ** -0.5)
     upstream = _normal(b, n, heads, dim, seed=4)

@@ -178,6 +178,50 @@ extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes
 extern "C" std::vector<int64_t> AttentionGradInferShape(int *ndims, int64_t **shapes, void *extra) {
   return std::vector<int64_t>(shapes[1], shapes[1] + ndims[1]);
 }
+// AttentionGrad's work where there are fewer (sample, head) pairs than make whole rounds for the threads
+// (ViT-Ti's 3 heads at batch 1 on 2 threads: one thread did two heads while the other did one, a quarter of
+// the kernel idle): each pair split into one block per thread, in two passes over P and dS shared by the
+// threads (count x N x N floats each, 0.9 MB in all for ViT-Ti at batch 1). Pass 1, per block of query rows:
+// P and dS rows, and dq = scale dS k for those rows (each row of dS needs only its own row of P and dP).
+// Pass 2, per block of key rows: dk = scale dS^T q and dv = P^T dO for those keys (sums over every query
+// row, hence after the barrier between the passes).
+static int attention_grad_split(const Heads &h, sgemm_fn sgemm, const float *dout, const float *qkv, float scale,
+                                float *dqkv, int64_t threads) {
+  const int64_t n = h.n, d = h.dim, row = h.row(), out_row = h.heads * h.dim;
+  const int64_t block = (n + threads - 1) / threads, items = h.count() * threads;
+  std::vector<float> p(h.count() * n * n), ds(h.count() * n * n);
+  int status = 0;
+#pragma omp parallel
+  {
+    std::vector<float> scores(block * n);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t i = item / threads, r0 = (item % threads) * block, rows = n - r0 < block ? n - r0 : block;
+      if (rows <= 0) continue;
+      const float *q = qkv + h.at(i, 0) + r0 * row, *k = qkv + h.at(i, 1), *v = qkv + h.at(i, 2);
+      float *p_rows = p.data() + h.square(i) + r0 * n, *ds_rows = ds.data() + h.square(i) + r0 * n;
+      int s = sgemm('N', 'T', rows, n, d, scale, q, row, k, row, 0.0f, scores.data(), n);
+      softmax_rows(scores.data(), p_rows, rows, n);
+      s |= sgemm('N', 'T', rows, n, d, 1.0f, dout + h.out(i) + r0 * out_row, out_row, v, row, 0.0f, ds_rows, n);
+      softmax_grad_rows(p_rows, ds_rows, ds_rows, rows, n);
+      s |= sgemm('N', 'N', rows, d, n, scale, ds_rows, n, k, row, 0.0f, dqkv + h.at(i, 0) + r0 * row, row);
+      if (s != 0) status = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t i = item / threads, c0 = (item % threads) * block, cols = n - c0 < block ? n - c0 : block;
+      if (cols <= 0) continue;
+      const float *p_cols = p.data() + h.square(i) + c0, *ds_cols = ds.data() + h.square(i) + c0;
+      int s = sgemm('T', 'N', cols, d, n, scale, ds_cols, n, qkv + h.at(i, 0), row, 0.0f,
+                    dqkv + h.at(i, 1) + c0 * row, row);
+      s |= sgemm('T', 'N', cols, d, n, 1.0f, p_cols, n, dout + h.out(i), out_row, 0.0f, dqkv + h.at(i, 2) + c0 * row,
+                 row);
+      if (s != 0) status = 1;
+    }
+  }
+  return status;
+}
+
 extern "C" int AttentionGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
   Heads h;
@@ -188,6 +232,10 @@ extern "C" int AttentionGrad(int nparam, void **params, int *ndims, int64_t **sh
   const float scale = *static_cast<const float *>(params[2]);
   float *dqkv = static_cast<float *>(params[3]);
   const int64_t n = h.n, d = h.dim, row = h.row(), out_row = h.heads * h.dim;
+  // Pairs per thread uneven and few (an idle share of 1/8 or more): split each pair instead.
+  const int64_t threads = omp_get_max_threads();
+  if (h.count() % threads != 0 && h.count() < 4 * threads)
+    return attention_grad_split(h, sgemm, dout, qkv, scale, dqkv, threads);
   int status = 0;
 #pragma omp parallel
   {
