@@ -67,6 +67,24 @@ def test_save_checkpoint_is_read_back_by_load_model(tmp_path):
 
 
 
+def test_load_model_draws_no_random_initial_weights(tmp_path, monkeypatch):
+    """load_model overwrites every parameter (strictly), so it builds the net without drawing random initial
+    weights (ViT-B/16: ~1 s of each eval.py/infer.py start); a model built outside it still draws them."""
+    net = random_net(TINY, seed=3)
+    path = save_checkpoint(net, tmp_path / "model.ckpt", make_metadata(TINY))
+    from mindspore.common import initializer
+
+    def refuse(self, arr):
+        raise AssertionError(f"{type(self).__name__} drew random initial weights")
+
+    for cls in (initializer.XavierUniform, initializer.TruncatedNormal, initializer.Normal):
+        monkeypatch.setattr(cls, "_initialize", refuse)
+    loaded, _ = load_model(path)
+    np.testing.assert_array_equal(logits(loaded, images(TINY)), logits(net, images(TINY)))
+    with pytest.raises(AssertionError, match="drew random initial weights"):
+        create_model(TINY)
+
+
 def test_checkpoints_are_written_0644_with_no_temporary_left(tmp_path):
     net = random_net(TINY)
     path = save_checkpoint(net, tmp_path / "best.ckpt", make_metadata(TINY))

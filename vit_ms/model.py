@@ -11,7 +11,8 @@ With `ViTConfig.global_pool="avg"` the head reads the mean of the patch tokens, 
 Weight init (the paper's JAX scheme, as in big_vision): Dense kernels Xavier-uniform, biases zero
 except the MLP's N(0, 1e-6); the patch-embedding conv LeCun-normal (fan-in); the position embedding
 N(0, 0.02); the CLS token and the classifier head zero; LayerNorm ones/zeros. Each initializer is
-declared where its layer is built.
+declared where its layer is built; inside `vit_ms.layers.weights_to_be_loaded()` the random ones are zeros
+(a checkpoint is about to overwrite them).
 
 The layers come from `vit_ms.layers`, which decides once per network (`use_fused_kernels`) whether they
 compute on fused CPU kernels or on MindSpore's built-in ops: same parameters, same checkpoints, logits
@@ -28,7 +29,7 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import Normal, Zero, initializer
 
 from .config import ViTConfig, get_config
-from .layers import (GELU, AttentionCore, DropPath, PatchProjection, layer_norm, linear, linear_gelu,
+from .layers import (GELU, AttentionCore, DropPath, PatchProjection, initial, layer_norm, linear, linear_gelu,
                      use_fused_kernels)
 
 
@@ -137,7 +138,7 @@ class ViT(nn.Cell):
         if config.class_token:
             self.cls_token = Parameter(initializer(Zero(), (1, 1, d)), name="cls_token")
         num_tokens = config.num_patches + self.num_prefix_tokens
-        self.pos_embed = Parameter(initializer(Normal(0.02), (1, num_tokens, d)), name="pos_embed")
+        self.pos_embed = Parameter(initializer(initial(Normal(0.02)), (1, num_tokens, d)), name="pos_embed")
         self.pos_drop = nn.Dropout(p=config.dropout)
         rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.CellList([Block(config, rate, fused) for rate in rates])

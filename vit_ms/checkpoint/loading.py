@@ -88,6 +88,7 @@ def load_model(path):
     Args:
         path: a checkpoint written by `save_checkpoint` (e.g. by train.py or convert.py).
     """
+    from ..layers import weights_to_be_loaded
     from ..model import ViT  # checkpoint imports the model only to build one from metadata
 
     params, meta = read_params(path)
@@ -101,7 +102,8 @@ def load_model(path):
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{path}: its metadata does not describe a model this vit_ms can build "
                               f"({error})") from error
-    net = ViT(config)
+    with weights_to_be_loaded():  # strict: every parameter is overwritten, so no random draws first
+        net = ViT(config)
     load_params(net, params, str(path), "vit_ms", meta, strict=True)
     return net, meta
 
