@@ -167,17 +167,6 @@ extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes
   return status;
 }
 
-// (dO (B, N, heads, head_dim), qkv, scale[1]) -> d qkv, Attention's backward: per (sample, head), in two
-// per-thread N x N buffers,
-//   P = softmax(scale q k^T)               recomputed, as flash attention's backward does, not kept
-//   dS = P (dP - rowsum(P dP)), dP = dO v^T
-//   dq = scale dS k, dk = scale dS^T q, dv = P^T dO   each written once, straight into its part of d qkv.
-// The three-kernel path instead keeps P (B, heads, N, N) from the forward for the backward and writes
-// scores, dP and dS as whole tensors (each 2-8x a core's L2 at batch 16), zero-fills two thirds of two
-// d qkv tensors and adds them; recomputing costs one more q k^T product (a sixth of the attention flops).
-extern "C" std::vector<int64_t> AttentionGradInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return std::vector<int64_t>(shapes[1], shapes[1] + ndims[1]);
-}
 // AttentionGrad's work where there are fewer (sample, head) pairs than make whole rounds for the threads
 // (ViT-Ti's 3 heads at batch 1 on 2 threads: one thread did two heads while the other did one, a quarter of
 // the kernel idle): each pair split into one block per thread, in two passes over P and dS shared by the
@@ -190,13 +179,21 @@ static int attention_grad_split(const Heads &h, sgemm_fn sgemm, const float *dou
   const int64_t n = h.n, d = h.dim, row = h.row(), out_row = h.heads * h.dim;
   const int64_t block = (n + threads - 1) / threads, items = h.count() * threads;
   std::vector<float> p(h.count() * n * n), ds(h.count() * n * n);
+  // Work item -> (pair, first row of its block, rows in it); the same blocks serve as query rows in pass 1
+  // and as key rows in pass 2.
+  auto span = [&](int64_t item, int64_t *i, int64_t *r0) {
+    *i = item / threads;
+    *r0 = (item % threads) * block;
+    return n - *r0 < block ? n - *r0 : block;
+  };
   int status = 0;
 #pragma omp parallel
   {
     std::vector<float> scores(block * n);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t i = item / threads, r0 = (item % threads) * block, rows = n - r0 < block ? n - r0 : block;
+      int64_t i, r0;
+      const int64_t rows = span(item, &i, &r0);
       if (rows <= 0) continue;
       const float *q = qkv + h.at(i, 0) + r0 * row, *k = qkv + h.at(i, 1), *v = qkv + h.at(i, 2);
       float *p_rows = p.data() + h.square(i) + r0 * n, *ds_rows = ds.data() + h.square(i) + r0 * n;
@@ -209,7 +206,8 @@ static int attention_grad_split(const Heads &h, sgemm_fn sgemm, const float *dou
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t i = item / threads, c0 = (item % threads) * block, cols = n - c0 < block ? n - c0 : block;
+      int64_t i, c0;
+      const int64_t cols = span(item, &i, &c0);
       if (cols <= 0) continue;
       const float *p_cols = p.data() + h.square(i) + c0, *ds_cols = ds.data() + h.square(i) + c0;
       int s = sgemm('T', 'N', cols, d, n, scale, ds_cols, n, qkv + h.at(i, 0), row, 0.0f,
@@ -222,6 +220,17 @@ static int attention_grad_split(const Heads &h, sgemm_fn sgemm, const float *dou
   return status;
 }
 
+// (dO (B, N, heads, head_dim), qkv, scale[1]) -> d qkv, Attention's backward: per (sample, head), in two
+// per-thread N x N buffers (few, uneven pairs: `attention_grad_split` above),
+//   P = softmax(scale q k^T)               recomputed, as flash attention's backward does, not kept
+//   dS = P (dP - rowsum(P dP)), dP = dO v^T
+//   dq = scale dS k, dk = scale dS^T q, dv = P^T dO   each written once, straight into its part of d qkv.
+// The three-kernel path instead keeps P (B, heads, N, N) from the forward for the backward and writes
+// scores, dP and dS as whole tensors (each 2-8x a core's L2 at batch 16), zero-fills two thirds of two
+// d qkv tensors and adds them; recomputing costs one more q k^T product (a sixth of the attention flops).
+extern "C" std::vector<int64_t> AttentionGradInferShape(int *ndims, int64_t **shapes, void *extra) {
+  return std::vector<int64_t>(shapes[1], shapes[1] + ndims[1]);
+}
 extern "C" int AttentionGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
   Heads h;
