@@ -91,6 +91,15 @@ def test_dense_kernel_is_x_wt_plus_b(isa, mode):
                 k=max(39, k, n) + 2)
 
 
+def test_dense_weight_gradient_over_many_rows_sums_slices_of_rows(isa, mode):
+    """2085 rows (a batch of ~11 ViT/16 images' tokens): on 2 or more threads the weight gradient is formed as
+    one partial per slice of 1024+ rows, added up after (dense.cc, `row_slices`); a float32 sum in any
+    grouping is within the same gamma bound."""
+    rows, k, n = 2 * 1024 + 37, 24, 16
+    _check_sums(kernels.linear(isa), lambda x, w, b: x @ w.T + b,
+                [_normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)], k=max(rows, k, n) + 2)
+
+
 def test_dense_kernel_with_a_weight_beyond_l2_splits_columns(isa, mode):
     """A batch-1 shape: 5 rows, a 2050 x 640 weight (5.2 MB, more than any x86 core's L2), so the forward
     and the input gradient split the output's columns over the threads (2050 columns: blocks of 16 and a
