@@ -58,7 +58,9 @@ def kernel_cases(config, batch: int, seed: int = 0) -> list:
         ("Linear fc1", [rows, w_fc1, arr(mlp)], [(batch * n, mlp)]),
         ("Linear fc2", [hidden_rows, w_fc2, arr(d)], [(batch * n, d)]),
         ("LinearGradInput fc1", [hidden_rows, w_fc1], [(batch * n, d)]),
+        ("LinearGradWeight qkv", [np.ascontiguousarray(np.tile(rows, (1, 3))), rows], [(3 * d, d)]),
         ("LinearGradWeight fc1", [hidden_rows, rows], [(mlp, d)]),
+        ("LinearGradWeight fc2", [rows, hidden_rows], [(d, mlp)]),
     ]
 
 

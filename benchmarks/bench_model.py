@@ -161,6 +161,8 @@ def _mindspore_step(config, task, fast, dynamic, memory, compile_cache, pynative
     import mindspore as ms
     from mindspore import nn
     from vit_ms import create_model, set_dynamic_batch
+    from vit_ms.ops import adamw_update
+    from vit_ms.training import FusedAdamWeightDecay
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.PYNATIVE_MODE if pynative else ms.GRAPH_MODE)
@@ -174,7 +176,11 @@ def _mindspore_step(config, task, fast, dynamic, memory, compile_cache, pynative
         net.set_train(False)
         run = set_dynamic_batch(net, config) if dynamic else net
     else:
-        opt = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.05)
+        # What train.py steps with: AdamW's update on the fused kernel wherever the model is fused.
+        kernel = adamw_update() if fast else None
+        hyper = dict(learning_rate=1e-4, weight_decay=0.05)
+        opt = (FusedAdamWeightDecay(net.trainable_params(), **hyper, kernel=kernel) if kernel is not None
+               else nn.AdamWeightDecay(net.trainable_params(), **hyper))
         step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.CrossEntropyLoss()), opt)
         step.set_train(True)
         run = set_dynamic_batch(step, config, labels=True) if dynamic else step

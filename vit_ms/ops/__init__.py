@@ -108,6 +108,41 @@ def _custom(path: str, name: str, num_inputs: int, bprop=None):
                       reg_info=reg.get_op_info())
 
 
+def _in_place_custom(path: str, name: str, written: int, num_inputs: int):
+    """An AOT op whose first `written` inputs are Parameters the kernel updates in place.
+
+    Declared as MindSpore's own optimizer primitives declare theirs (`sig_rw.RW_WRITE` inputs and the
+    `side_effect_mem` attribute, as `ops.AdamWeightDecay` does): the graph then orders every read of those
+    Parameters in the step (the backward's included) before the update, and keeps the op although nothing
+    uses its one-float output."""
+    from mindspore import ops
+    from mindspore.ops import CustomRegOp, DataType
+    from mindspore.ops import signature as sig
+
+    class InPlace(ops.Custom):
+        __mindspore_signature__ = tuple(
+            sig.make_sig(f"x{i}", sig.sig_rw.RW_WRITE if i < written else sig.sig_rw.RW_READ)
+            for i in range(num_inputs))
+
+    reg = CustomRegOp(f"vit_ms_{name}_cpu")
+    for i in range(num_inputs):
+        reg = reg.input(i, f"x{i}")
+    reg = reg.output(0, "y").dtype_format(*[DataType.None_None] * (num_inputs + 1)).target("CPU")
+    op = InPlace(f"{path}:{name}", out_shape=None, out_dtype=_same, func_type="aot", reg_info=reg.get_op_info())
+    op.add_prim_attr("side_effect_mem", True)
+    return op
+
+
+def adamw_update(isa: Optional[str] = None):
+    """`op(param, m, v, grad, lr, beta1, beta2, eps, weight_decay)`: `nn.AdamWeightDecay`'s update of one
+    parameter and its two moments, in place, in one vectorised pass (the five hyper-parameters are
+    one-element float32 tensors); None if unavailable. Used by `vit_ms.training.optim.FusedAdamWeightDecay`."""
+    path = library(isa)
+    if path is None:
+        return None
+    return _in_place_custom(path, "AdamWUpdate", 3, 9)
+
+
 def gelu(approximate: bool, isa: Optional[str] = None):
     """GELU `op(x) -> y` with its backward, or None if unavailable.
 
@@ -272,4 +307,4 @@ def patchify(isa: Optional[str] = None):
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
            "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_gelu", "attention", "fused_attention",
-           "softmax", "patchify"]
+           "softmax", "patchify", "adamw_update"]

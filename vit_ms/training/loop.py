@@ -260,7 +260,7 @@ def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path],
     schedule = lr_schedule(cfg, batches.optimizer_steps)
     optimizer = create_optimizer(net, cfg.optimizer, schedule, weight_decay=cfg.weight_decay,
                                  layer_decay=cfg.layer_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                 beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
+                                 beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, fused=fast)
     eval_net = _eval_network(net, loss_fn, batches.config, amp_level)
     model_kwargs = dict(metrics=_metrics(batches.config), eval_network=eval_net, eval_indexes=[0, 1, 2])
     fine_tuning = cfg.clip_grad > 0 or cfg.accum_steps > 1 or cfg.ema_decay > 0
