@@ -141,3 +141,21 @@ def test_fused_adamw_in_a_training_step_updates_after_every_read(mode, rng, grou
         assert np.all(diff <= bound), (got.name, np.max(diff / bound))
     assert int(opt.global_step.asnumpy().reshape(-1)[0]) == 1
 
+
+
+def test_create_optimizer_takes_the_fused_adamw_where_asked_with_the_same_groups():
+    """train.py passes `fused=` the model's own fused-kernel decision; the groups (layer-wise rates, decay
+    spared on norms, biases, cls and pos) are those nn.AdamWeightDecay gets."""
+    from vit_ms.model import create_model
+    from vit_ms.training.optim import create_optimizer
+
+    net = create_model("vit_ti_16", fast=True, image_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                       mlp_dim=64, num_classes=3)
+    fused = create_optimizer(net, "adamw", [1e-3, 2e-3], weight_decay=0.05, layer_decay=0.75, fused=True)
+    plain = create_optimizer(net, "adamw", [1e-3, 2e-3], weight_decay=0.05, layer_decay=0.75)
+    assert type(fused) is FusedAdamWeightDecay and type(plain) is nn.AdamWeightDecay
+    assert [p.name for p in fused.moments1] == [p.name for p in plain.moments1]
+    assert list(fused.decay_flags) == list(plain.decay_flags)
+    rates = [[lr.learning_rate.asnumpy() for lr in opt.learning_rate] for opt in (fused, plain)]  # per group
+    assert len(rates[0]) == len(rates[1]) > 1 and all(map(np.array_equal, *rates))
+    assert [float(w) for w in fused.weight_decay] == [float(w) for w in plain.weight_decay]
