@@ -7,6 +7,8 @@
 - Softmax, GELU (exact erf and tanh) and LayerNorm in one vectorised OpenMP pass each, forward and
   backward. Eigen's float32 rational erf and Cephes' exp are each accurate to a few ulp.
 - The patch embedding's permutation, again without Transpose's table.
+- AdamW's update of a parameter and its moments in one vectorised pass, in place (MindSpore's CPU
+  AdamWeightDecay is a scalar double-precision loop).
 
 Each factory below returns an `ops.Custom(func_type="aot")` op with its backward, or None when the
 kernel is unavailable (no compiler, or no oneDNN for the sgemm ones): the caller then uses MindSpore's

@@ -192,9 +192,9 @@ extern "C" int LinearGradInput(int nparam, void **params, int *ndims, int64_t **
 // 16). Split by dW's rows, each thread runs one sgemm with that whole sum as its k; with many rows, split by
 // the sum instead: each slice of kSliceRows or more batch rows gives a whole partial dW, added up after in
 // slice order (deterministic for a fixed thread count, like every other split here). Measured on an AMD
-// EPYC (AVX2, 2 threads, oneDNN's sgemm, 15 interleaved rounds twice), ViT-S/16's and ViT-B/16's weight
-// gradients at batch 16 went from 100-151 to 142-177 GFLOP/s (qkv, fc1, fc2 of ViT-S; ViT-B's proj), the
-// rest within 2-8 % either way; at batch 1 (197 rows) nothing changes.
+// EPYC (AVX2, 2 threads, oneDNN's sgemm, 15 interleaved rounds twice): ViT-S/16's qkv, fc1 and fc2 and
+// ViT-B/16's proj weight gradients at batch 16 from 100-151 to 142-177 GFLOP/s, the other ViT shapes within
+// 2-8 % either way; ViT-S/16 training at batch 16 1.15x. At batch 1 (197 rows) nothing changes.
 static const int64_t kSliceRows = 1024;
 // The partial sums take (slices - 1) x N x K floats beyond dW: at most this many bytes.
 static const int64_t kMaxPartialBytes = int64_t{64} << 20;
