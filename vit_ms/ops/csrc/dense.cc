@@ -207,8 +207,9 @@ static int64_t row_slices(int64_t rows, int64_t n, int64_t k, int64_t threads) {
   return slices < 1 ? 1 : slices;
 }
 
-// dw (n, k) = dy^T x over `rows` rows in `slices` (>= 2, from row_slices) slices of rows: threads / slices
-// threads per slice, each taking a block of dW's rows of its slice's partial (slice 0's is dw itself).
+// dw (n, k) = dy^T x over `rows` rows in slices of rows (row_slices for the team; `most` >= 2 is that for
+// omp_get_max_threads(), which sizes the partials): threads / slices threads per slice, each taking a block
+// of dW's rows of its slice's partial (slice 0's is dw itself).
 static int weight_grad_by_row_slices(const float *dy, const float *x, float *dw, int64_t rows, int64_t n,
                                      int64_t k, int64_t most) {
   const sgemm_fn sgemm = dnnl_sgemm_fn();
@@ -253,9 +254,9 @@ extern "C" int LinearGradWeight(int nparam, void **params, int *ndims, int64_t *
   if (nparam != 3 || ndims[0] < 1 || ndims[1] < 1 || !all_float32(nparam, dtypes)) return 1;
   const float *dy = static_cast<const float *>(params[0]), *x = static_cast<const float *>(params[1]);
   float *dw = static_cast<float *>(params[2]);
-  const int64_t n = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / n;
-  const int64_t k = last_dim(ndims[1], shapes[1]);
-  if (n == 0 || k == 0) return 0;
+  const int64_t n = last_dim(ndims[0], shapes[0]), k = last_dim(ndims[1], shapes[1]);
+  if (n == 0 || k == 0) return 0;  // an empty dW
+  const int64_t rows = numel(ndims[0], shapes[0]) / n;
   const int64_t slices = row_slices(rows, n, k, omp_get_max_threads());
   if (slices >= 2) return weight_grad_by_row_slices(dy, x, dw, rows, n, k, slices);
   return parallel_sgemm('T', 'N', n, k, rows, dy, n, 1, x, k, 1, 0.0f, dw);
