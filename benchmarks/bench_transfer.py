@@ -195,7 +195,7 @@ def train_run(model_kwargs: dict, num_classes: int, train: tuple, val: tuple, pr
         raise ValueError(f"fewer training images ({len(train[1])}) than one batch ({batch_size}); lower --batch_size")
     schedule = warmup_cosine(recipe["lr"], epochs, recipe["warmup_epochs"], steps)
     optimizer = create_optimizer(net, "adamw", schedule, weight_decay=recipe["weight_decay"],
-                                 layer_decay=recipe["layer_decay"])
+                                 layer_decay=recipe["layer_decay"], fused=net.fast)  # as train.py does
     ema = ModelEMA(net, recipe["ema_decay"]) if recipe["ema_decay"] > 0 else None
     step = TrainStep(nn.WithLossCell(net, SoftCrossEntropy(num_classes, recipe["label_smoothing"])), optimizer,
                      clip_grad=recipe["clip_grad"], ema=ema)
