@@ -31,6 +31,12 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 B1, B2 = np.float32(0.9), np.float32(0.999)
 
 
+@pytest.fixture(params=kernels.cpu_isas())
+def isa(request):
+    """Every compiled variant this CPU runs (`[avx2]`, `[baseline]`, ...), as in test_kernels.py."""
+    return request.param
+
+
 def update_bounds(p, m, v, g, lr, eps, wd):
     """float64 p', m', v' from float32 inputs, and the bounds above on |p^' - p'| and |m^ - m'|."""
     p, m, v, g = (np.asarray(a, np.float64) for a in (p, m, v, g))
@@ -62,8 +68,8 @@ def _scalar(x):
     return Tensor(np.array([x], np.float32))
 
 
-def test_adamw_kernel_is_the_update_within_its_rounding_bound(mode, rng):
-    kernel = kernels.adamw_update()
+def test_adamw_kernel_is_the_update_within_its_rounding_bound(isa, mode, rng):
+    kernel = kernels.adamw_update(isa)
     assert kernel is not None, "the kernel library builds wherever there is a C++ compiler"
     n = 4099  # not a multiple of any vector width or thread count
     p = rng.standard_normal(n).astype(np.float32)
