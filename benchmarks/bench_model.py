@@ -161,8 +161,7 @@ def _mindspore_step(config, task, fast, dynamic, memory, compile_cache, pynative
     import mindspore as ms
     from mindspore import nn
     from vit_ms import create_model, set_dynamic_batch
-    from vit_ms.ops import adamw_update
-    from vit_ms.training import FusedAdamWeightDecay
+    from vit_ms.training import adamw
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.PYNATIVE_MODE if pynative else ms.GRAPH_MODE)
@@ -177,10 +176,7 @@ def _mindspore_step(config, task, fast, dynamic, memory, compile_cache, pynative
         run = set_dynamic_batch(net, config) if dynamic else net
     else:
         # What train.py steps with: AdamW's update on the fused kernel wherever the model is fused.
-        kernel = adamw_update() if fast else None
-        hyper = dict(learning_rate=1e-4, weight_decay=0.05)
-        opt = (FusedAdamWeightDecay(net.trainable_params(), **hyper, kernel=kernel) if kernel is not None
-               else nn.AdamWeightDecay(net.trainable_params(), **hyper))
+        opt = adamw(net.trainable_params(), fused=fast, learning_rate=1e-4, weight_decay=0.05)
         step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.CrossEntropyLoss()), opt)
         step.set_train(True)
         run = set_dynamic_batch(step, config, labels=True) if dynamic else step

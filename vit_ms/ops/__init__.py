@@ -96,18 +96,22 @@ def _same(x, *_):
     return x
 
 
-def _custom(path: str, name: str, num_inputs: int, bprop=None):
-    from mindspore import ops
+def _reg_info(name: str, num_inputs: int):
+    """The CPU registration of AOT kernel `name`. With it MindSpore calls the library's C++
+    `<name>InferShape` (out_shape=None below), which, unlike a Python function, also runs for a dynamic batch."""
     from mindspore.ops import CustomRegOp, DataType
 
-    # out_shape=None: the shape comes from the library's C++ `<name>InferShape`, which (unlike a Python
-    # function) also runs for a dynamic batch; MindSpore needs the registration to call it.
     reg = CustomRegOp(f"vit_ms_{name}_cpu")
     for i in range(num_inputs):
         reg = reg.input(i, f"x{i}")
-    reg = reg.output(0, "y").dtype_format(*[DataType.None_None] * (num_inputs + 1)).target("CPU")
+    return reg.output(0, "y").dtype_format(*[DataType.None_None] * (num_inputs + 1)).target("CPU").get_op_info()
+
+
+def _custom(path: str, name: str, num_inputs: int, bprop=None):
+    from mindspore import ops
+
     return ops.Custom(f"{path}:{name}", out_shape=None, out_dtype=_same, func_type="aot", bprop=bprop,
-                      reg_info=reg.get_op_info())
+                      reg_info=_reg_info(name, num_inputs))
 
 
 def _in_place_custom(path: str, name: str, written: int, num_inputs: int):
@@ -118,7 +122,6 @@ def _in_place_custom(path: str, name: str, written: int, num_inputs: int):
     Parameters in the step (the backward's included) before the update, and keeps the op although nothing
     uses its one-float output."""
     from mindspore import ops
-    from mindspore.ops import CustomRegOp, DataType
     from mindspore.ops import signature as sig
 
     class InPlace(ops.Custom):
@@ -126,11 +129,8 @@ def _in_place_custom(path: str, name: str, written: int, num_inputs: int):
             sig.make_sig(f"x{i}", sig.sig_rw.RW_WRITE if i < written else sig.sig_rw.RW_READ)
             for i in range(num_inputs))
 
-    reg = CustomRegOp(f"vit_ms_{name}_cpu")
-    for i in range(num_inputs):
-        reg = reg.input(i, f"x{i}")
-    reg = reg.output(0, "y").dtype_format(*[DataType.None_None] * (num_inputs + 1)).target("CPU")
-    op = InPlace(f"{path}:{name}", out_shape=None, out_dtype=_same, func_type="aot", reg_info=reg.get_op_info())
+    op = InPlace(f"{path}:{name}", out_shape=None, out_dtype=_same, func_type="aot",
+                 reg_info=_reg_info(name, num_inputs))
     op.add_prim_attr("side_effect_mem", True)
     return op
 
@@ -138,7 +138,7 @@ def _in_place_custom(path: str, name: str, written: int, num_inputs: int):
 def adamw_update(isa: Optional[str] = None):
     """`op(param, m, v, grad, lr, beta1, beta2, eps, weight_decay)`: `nn.AdamWeightDecay`'s update of one
     parameter and its two moments, in place, in one vectorised pass (the five hyper-parameters are
-    one-element float32 tensors); None if unavailable. Used by `vit_ms.training.optim.FusedAdamWeightDecay`."""
+    one-element float32 tensors, of shape () or (1,)); None if unavailable. Used by `vit_ms.training.optim.FusedAdamWeightDecay`."""
     path = library(isa)
     if path is None:
         return None

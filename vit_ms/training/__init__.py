@@ -18,7 +18,7 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "config": ["TrainConfig", "RECIPES", "get_train_config", "resolve_train_config"],
     "optim": ["SoftCrossEntropy", "CrossEntropySmooth", "lr_schedule", "param_groups", "create_optimizer",
-              "FusedAdamWeightDecay", "layer_scale", "freeze_backbone", "apply_recompute"],
+              "adamw", "FusedAdamWeightDecay", "layer_scale", "freeze_backbone", "apply_recompute"],
     "train_step": ["TrainStep"],
     "ema": ["ModelEMA", "EmaEvaluator"],
     "callbacks": ["TrainingDiverged", "TrainingInterrupted", "LossGuard", "StopOnSignal", "ProgressBar",

@@ -155,6 +155,9 @@ def param_groups(net: nn.Cell, lr_schedule: Sequence[float], layer_decay: float 
 
 
 _adamw_step = ops.MultitypeFuncGraph("vit_ms_adamw_step")
+# A graph constant, so a parameter without decay costs no extra node per step. The kernel reads the first
+# float of each hyper-parameter, so lr and weight_decay go in as the optimizer holds them (shape ()).
+_NO_DECAY = ms.Tensor(np.zeros(1, np.float32))
 
 
 @_adamw_step.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
@@ -162,8 +165,7 @@ _adamw_step = ops.MultitypeFuncGraph("vit_ms_adamw_step")
 def _adamw_step_one(kernel, beta1, beta2, eps, lr, weight_decay, param, m, v, gradient, decay_flag, optim_filter):
     """One parameter's update, as `nn.AdamWeightDecay`'s fused path runs it (decay only where flagged)."""
     if optim_filter:
-        decay = weight_decay if decay_flag else ops.zeros_like(weight_decay)
-        kernel(param, m, v, gradient, lr.reshape((1,)), beta1, beta2, eps, decay.reshape((1,)))
+        kernel(param, m, v, gradient, lr, beta1, beta2, eps, weight_decay if decay_flag else _NO_DECAY)
     return True
 
 
@@ -207,6 +209,17 @@ class FusedAdamWeightDecay(nn.AdamWeightDecay):
         return result
 
 
+def adamw(params, *, fused: bool, **hyper) -> nn.Optimizer:
+    """`FusedAdamWeightDecay(params, **hyper)` if `fused` and its kernel builds, else `nn.AdamWeightDecay`
+    (with a WARNING where the kernel was asked for and could not build)."""
+    kernel = adamw_update() if fused else None
+    if fused and kernel is None:
+        logger.warning("the fused AdamW kernel is unavailable: nn.AdamWeightDecay updates the weights")
+    if kernel is not None:
+        return FusedAdamWeightDecay(params, **hyper, kernel=kernel)
+    return nn.AdamWeightDecay(params, **hyper)
+
+
 def create_optimizer(net: nn.Cell, name: str, lr_schedule: Sequence[float], *, weight_decay: float = 0.0,
                      layer_decay: float = 1.0, momentum: float = 0.9, nesterov: bool = False,
                      beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
@@ -234,12 +247,7 @@ def create_optimizer(net: nn.Cell, name: str, lr_schedule: Sequence[float], *, w
     if name == "adam":
         return nn.Adam(groups, learning_rate=base, beta1=beta1, beta2=beta2, eps=eps)
     if name == "adamw":
-        kernel = adamw_update() if fused else None
-        if fused and kernel is None:
-            logger.warning("the fused AdamW kernel is unavailable: nn.AdamWeightDecay updates the weights")
-        if kernel is not None:
-            return FusedAdamWeightDecay(groups, learning_rate=base, beta1=beta1, beta2=beta2, eps=eps, kernel=kernel)
-        return nn.AdamWeightDecay(groups, learning_rate=base, beta1=beta1, beta2=beta2, eps=eps)
+        return adamw(groups, fused=fused, learning_rate=base, beta1=beta1, beta2=beta2, eps=eps)
     if nesterov and momentum <= 0:
         raise ValueError("nesterov needs momentum > 0 (flags --nesterov, --momentum)")
     return nn.SGD(groups, learning_rate=base, momentum=momentum, nesterov=nesterov)
@@ -282,4 +290,4 @@ def apply_recompute(net: nn.Cell) -> nn.Cell:
 
 
 __all__ = ["SoftCrossEntropy", "CrossEntropySmooth", "lr_schedule", "layer_id", "layer_scale", "param_groups",
-           "create_optimizer", "FusedAdamWeightDecay", "freeze_backbone", "apply_recompute", "NO_DECAY_NAMES"]
+           "create_optimizer", "adamw", "FusedAdamWeightDecay", "freeze_backbone", "apply_recompute", "NO_DECAY_NAMES"]
