@@ -21,6 +21,7 @@ from mindspore import nn
 from float32_bounds import assert_within, gradient_bound, init_scale_weights, logits_bound, probs_bound
 from torch_reference import TorchViT, copy_to_torch, torch, torch_names
 from vit_ms import ViTConfig, create_model, layers, set_dynamic_batch, threads
+from vit_ms import model as model_module
 from vit_ms import ops as kernels
 
 # Tiny width and depth, but the realistic 16 x 16 patch the fused patch embedding reshapes.
@@ -163,18 +164,27 @@ def test_attention_is_one_kernel_unless_training_needs_the_probabilities(monkeyp
         ms.set_context(mode=previous)
 
 
-def test_eval_runs_fc1_and_gelu_as_one_kernel(monkeypatch):
-    # In eval the MLP's fc1 and GELU are one kernel (its values: test_kernels.py and the logits tests
-    # above); training runs them apart, since GELU's backward needs the product. Recorded in PyNative mode.
+def test_eval_runs_fc1_and_gelu_and_each_residual_sum_in_one_kernel(monkeypatch):
+    # In eval the MLP's fc1 and GELU are one kernel, and each residual sum is formed by the projection that
+    # ends its branch (attention's proj, the MLP's fc2): their values in test_kernels.py and the logits tests
+    # above. Training runs them apart (GELU's backward needs the product; drop_path acts on the branch).
+    # Recorded in PyNative mode.
     calls = []
     original = layers.GELU.construct
     monkeypatch.setattr(layers.GELU, "construct", lambda self, x: calls.append("gelu") or original(self, x))
+    residual_kernel = layers.linear_residual
+
+    def recorded(*, fused):
+        op = residual_kernel(fused=fused)
+        return lambda *args: calls.append("residual") or op(*args)
+
+    monkeypatch.setattr(model_module, "linear_residual", recorded)
     net = create_model(SMALL, fast=True)
     x = ms.Tensor(_images(2, seed=3))
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        for training, expected in ((False, []), (True, ["gelu"] * SMALL.depth)):
+        for training, expected in ((False, ["residual"] * 2 * SMALL.depth), (True, ["gelu"] * SMALL.depth)):
             net.set_train(training)
             calls.clear()
             assert np.isfinite(net(x).asnumpy()).all()

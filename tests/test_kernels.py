@@ -109,6 +109,17 @@ def test_dense_kernel_with_a_weight_beyond_l2_splits_columns(isa, mode):
                 [_normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)], k=max(rows, k, n) + 2)
 
 
+def test_dense_kernel_with_residual_is_r_plus_x_wt_plus_b(isa, mode):
+    """Eval's projection that ends a residual branch: r + x w^T + b in one kernel, rows split over the
+    threads (37) and, with a weight beyond L2, columns (5 rows, 2050 columns); its backward is the Dense
+    layer's, and r's gradient the upstream one. One more term than the Dense sum: k + 3."""
+    op = kernels.linear_residual(isa)
+    for rows, k, n in ((37, 24, 16), (5, 640, 2050)):
+        _check_sums(op, lambda x, w, b, r: r + x @ w.T + b,
+                    [_normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2), _normal(rows, n, seed=3)],
+                    k=max(rows, k, n) + 3)
+
+
 @pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
 def test_dense_kernel_with_gelu_is_gelu_of_x_wt_plus_b(isa, approximate):
     """Eval's fc1 + GELU in one kernel, rows split over the threads (37) and, with a weight beyond L2,

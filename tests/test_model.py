@@ -109,6 +109,48 @@ def test_dynamic_batch_one_graph_for_every_batch_size(mode):
     np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-5)
 
 
+def test_graph_calls_hand_each_new_phase_to_every_cell_once(monkeypatch):
+    """ViT passes a graph's phase down its Cells only when it changes: every Cell holds the phase of the
+    graph that runs (as MindSpore's own walk leaves them), and a repeated call walks none of them."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        net = create_model(TINY)
+        cells = [cell for _, cell in net.cells_and_names()]
+        walked = []
+        cell_phase = nn.Cell.compile_phase
+        monkeypatch.setattr(nn.Cell, "compile_phase", property(
+            cell_phase.fget, lambda cell, value: (walked.append(cell), cell_phase.fset(cell, value))))
+
+        def call(*args):
+            walked.clear()
+            top = step if len(args) == 2 else net
+            out = top(*(ms.Tensor(a) for a in args))
+            phases = {cell.compile_phase for cell in cells}
+            assert phases == {top.compile_phase} and top.compile_phase.startswith(top.phase), phases
+            return out, len(walked)
+
+        rng = np.random.default_rng(0)
+        two, three = (rng.standard_normal((b, 3, 32, 32)).astype(np.float32) for b in (2, 3))
+        net.set_train(False)
+        _, first = call(two)
+        assert first == len(cells)  # ViT's own setter hands it to Cell's, for every Cell
+        assert call(two)[1] == 0
+        assert call(three)[1] == len(cells)  # another shape: another graph
+        assert call(two)[1] == len(cells)  # back to the first graph: its phase again
+        step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.CrossEntropyLoss()), nn.SGD(net.trainable_params()))
+        step.set_train(True)
+        labels = np.array([1, 2], np.int32)
+        everything = len(list(step.cells_and_names()))  # the ViT's, the loss's, the optimizer's...
+        loss, walks = call(two, labels)  # the training graph, from its own top Cell down
+        assert np.isfinite(loss.asnumpy()) and walks == everything
+        assert call(two, labels)[1] == everything - len(cells)  # all but the ViT's
+        net.set_train(False)
+        assert call(two)[1] == len(cells)
+    finally:
+        ms.set_context(mode=previous)
+
+
 def _randomize(net, rng):
     """Random values everywhere (the zero-initialised CLS token and head would hide mistakes)."""
     for p in net.get_parameters():

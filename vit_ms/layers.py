@@ -180,6 +180,12 @@ class GELU(nn.Cell):
         return self.kernel(x)
 
 
+def linear_residual(*, fused: bool):
+    """The one-kernel r + x w^T + b that eval uses for the projection that ends a residual branch,
+    `op(x, w, b, r)`, or None (not fused, or the kernel cannot build): no Add op of its own."""
+    return _ops().linear_residual() if fused else None
+
+
 def linear_gelu(approximate: bool, *, fused: bool):
     """The one-kernel GELU(x w^T + b) that eval uses for a Dense layer followed by GELU, `op(x, w, b)`, or
     None (not fused, or the kernel cannot build): the hidden activations then exist once, not twice."""

@@ -211,6 +211,24 @@ def linear(isa: Optional[str] = None):
     return _custom(path, "Linear", 3, bprop)
 
 
+def linear_residual(isa: Optional[str] = None):
+    """`op(x, w, b, r) -> r + x w^T + b` in one kernel: a Dense layer whose output is added to the residual
+    stream while each thread's block is written, for networks in eval mode (no Add op of its own). Its
+    backward is the Dense layer's, and the residual's gradient is the incoming one. None where `linear()`
+    would be None."""
+    path = library(isa)
+    if path is None or dnnl_library() is None:
+        return None
+    grad_x = _custom(path, "LinearGradInput", 2)
+    grad_w = _custom(path, "LinearGradWeight", 2)
+    grad_b = _custom(path, "BiasGrad", 1)
+
+    def bprop(x, w, b, r, out, dout):
+        return grad_x(dout, w), grad_w(dout, x), grad_b(dout), dout
+
+    return _custom(path, "LinearResidual", 4, bprop)
+
+
 def linear_gelu(approximate: bool, isa: Optional[str] = None):
     """`op(x, w, b) -> GELU(x w^T + b)` in one kernel, GELU applied to each thread's block of the product
     while it is in cache, so the product is never a tensor of its own: for networks in eval mode. Its
@@ -308,5 +326,5 @@ def patchify(isa: Optional[str] = None):
 
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
-           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_gelu", "attention", "fused_attention",
+           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_residual", "linear_gelu", "attention", "fused_attention",
            "softmax", "patchify", "adamw_update"]
