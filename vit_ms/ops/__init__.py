@@ -195,15 +195,18 @@ def add_bias(isa: Optional[str] = None):
     return _custom(path, "AddBias", 2, bprop)
 
 
+def _dense_backward(path: str):
+    """A Dense layer's backward kernels: dx = dy w, dw = dy^T x (summed over all rows), db = sum of dy."""
+    return _custom(path, "LinearGradInput", 2), _custom(path, "LinearGradWeight", 2), _custom(path, "BiasGrad", 1)
+
+
 def linear(isa: Optional[str] = None):
     """`op(x, w, b) -> x w^T + b` for x (..., in) and w (out, in), like `nn.Dense`, on oneDNN's sgemm,
     with its backward on the same sgemm; None where the MindSpore wheel has no oneDNN or no compiler."""
     path = library(isa)
     if path is None or dnnl_library() is None:
         return None
-    grad_x = _custom(path, "LinearGradInput", 2)
-    grad_w = _custom(path, "LinearGradWeight", 2)
-    grad_b = _custom(path, "BiasGrad", 1)
+    grad_x, grad_w, grad_b = _dense_backward(path)
 
     def bprop(x, w, b, out, dout):
         return grad_x(dout, w), grad_w(dout, x), grad_b(dout)
@@ -219,9 +222,7 @@ def linear_residual(isa: Optional[str] = None):
     path = library(isa)
     if path is None or dnnl_library() is None:
         return None
-    grad_x = _custom(path, "LinearGradInput", 2)
-    grad_w = _custom(path, "LinearGradWeight", 2)
-    grad_b = _custom(path, "BiasGrad", 1)
+    grad_x, grad_w, grad_b = _dense_backward(path)
 
     def bprop(x, w, b, r, out, dout):
         return grad_x(dout, w), grad_w(dout, x), grad_b(dout), dout
@@ -245,9 +246,7 @@ def linear_gelu(approximate: bool, isa: Optional[str] = None):
     name = "GeluTanh" if approximate else "GeluErf"
     product = _custom(path, "Linear", 3)
     gelu_grad = _custom(path, name + "Grad", 2)
-    grad_x = _custom(path, "LinearGradInput", 2)
-    grad_w = _custom(path, "LinearGradWeight", 2)
-    grad_b = _custom(path, "BiasGrad", 1)
+    grad_x, grad_w, grad_b = _dense_backward(path)
 
     def bprop(x, w, b, out, dout):
         dy = gelu_grad(product(x, w, b), dout)
