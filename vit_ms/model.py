@@ -71,16 +71,16 @@ class Attention(nn.Cell):
 
     def construct(self, x, residual=None):
         """Tokens (B, N, D) -> MSA(x), or residual + MSA(x) given the residual stream (B, N, D)."""
-        if not self.core.one_kernel():
+        if self.core.one_kernel():
+            # The same math in one kernel (and one for the backward) that never writes (B, heads, N, N).
+            _, n, d = x.shape
+            merged = self.core.attend(self.heads(x)).reshape(-1, n, d)  # heads concatenated
+            if residual is not None and self.proj_residual is not None:
+                return self.proj_residual(merged, self.proj.weight, self.proj.bias, residual)
+            out = self.proj(merged)
+        else:
             out = self.forward_with_probs(x)[0]
-            return out if residual is None else residual + out
-        # The same math in one kernel (and one for the backward) that never writes (B, heads, N, N).
-        _, n, d = x.shape
-        out = self.core.attend(self.heads(x)).reshape(-1, n, d)  # heads concatenated
-        if residual is None or self.proj_residual is None:
-            out = self.proj(out)
-            return out if residual is None else residual + out
-        return self.proj_residual(out, self.proj.weight, self.proj.bias, residual)
+        return out if residual is None else residual + out
 
 
 class FeedForward(nn.Cell):
