@@ -21,7 +21,6 @@ from mindspore import nn
 from float32_bounds import assert_within, gradient_bound, init_scale_weights, logits_bound, probs_bound
 from torch_reference import TorchViT, copy_to_torch, torch, torch_names
 from vit_ms import ViTConfig, create_model, layers, set_dynamic_batch, threads
-from vit_ms import model as model_module
 from vit_ms import ops as kernels
 
 # Tiny width and depth, but the realistic 16 x 16 patch the fused patch embedding reshapes.
@@ -140,9 +139,13 @@ def test_fast_and_plain_gradients_agree(isa, attention, monkeypatch):
 
 def test_attention_is_one_kernel_unless_training_needs_the_probabilities(monkeypatch):
     # Attention dropout applies to the probabilities, which the one kernel never forms: such a network
-    # trains on the three kernels and still evaluates on the one. Which form each block really ran is
-    # recorded in PyNative mode, where construct runs as Python.
+    # trains on the three kernels and still evaluates on the one, inside the block's one kernel ("block",
+    # gradients included). Which form each block really ran is recorded in PyNative mode, where construct
+    # runs as Python.
     calls = []
+    original_block = layers.EncoderBlockKernel.construct
+    monkeypatch.setattr(layers.EncoderBlockKernel, "construct",
+                        lambda self, *args: calls.append("block") or original_block(self, *args))
     for method in ("attend", "probs"):
         original = getattr(layers.AttentionCore, method)
         monkeypatch.setattr(layers.AttentionCore, method,
@@ -153,7 +156,7 @@ def test_attention_is_one_kernel_unless_training_needs_the_probabilities(monkeyp
     try:
         for dropout, training_form in ((0.0, "attend"), (0.1, "probs")):
             net = create_model(dataclasses.replace(SMALL, attention_dropout=dropout), fast=True)
-            for training, form in ((True, training_form), (False, "attend")):
+            for training, form in ((True, training_form), (False, "block")):
                 net.set_train(training)
                 calls.clear()
                 loss, grads = ms.value_and_grad(nn.WithLossCell(net, nn.CrossEntropyLoss()), None,
@@ -164,31 +167,29 @@ def test_attention_is_one_kernel_unless_training_needs_the_probabilities(monkeyp
         ms.set_context(mode=previous)
 
 
-def test_eval_runs_fc1_and_gelu_and_each_residual_sum_in_one_kernel(monkeypatch):
-    # In eval the MLP's fc1 and GELU are one kernel, and each residual sum is formed by the projection that
-    # ends its branch (attention's proj, the MLP's fc2): their values in test_kernels.py and the logits tests
-    # above. Training runs them apart (GELU's backward needs the product; drop_path acts on the branch).
-    # Recorded in PyNative mode.
+def test_eval_runs_each_block_as_one_kernel(monkeypatch):
+    # In eval each encoder block is one kernel (its values: test_kernels.py and the logits tests above);
+    # training runs the block's layers apart (drop_path acts on each branch, GELU's backward needs the product),
+    # and so does `forward_intermediates`, which needs the attention probabilities. Recorded in PyNative mode.
     calls = []
-    original = layers.GELU.construct
-    monkeypatch.setattr(layers.GELU, "construct", lambda self, x: calls.append("gelu") or original(self, x))
-    residual_kernel = layers.linear_residual
-
-    def recorded(*, fused):
-        op = residual_kernel(fused=fused)
-        return lambda *args: calls.append("residual") or op(*args)
-
-    monkeypatch.setattr(model_module, "linear_residual", recorded)
+    for cls, name in ((layers.EncoderBlockKernel, "block"), (layers.GELU, "gelu"), (layers.AttentionCore, "probs")):
+        method = "probs" if name == "probs" else "construct"
+        original = getattr(cls, method)
+        monkeypatch.setattr(cls, method, lambda self, *args, _f=original, _n=name: calls.append(_n) or _f(self, *args))
     net = create_model(SMALL, fast=True)
     x = ms.Tensor(_images(2, seed=3))
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        for training, expected in ((False, ["residual"] * 2 * SMALL.depth), (True, ["gelu"] * SMALL.depth)):
+        for training, expected in ((False, ["block"] * SMALL.depth), (True, ["gelu"] * SMALL.depth)):
             net.set_train(training)
             calls.clear()
             assert np.isfinite(net(x).asnumpy()).all()
             assert calls == expected, (training, calls)
+        net.set_train(False)
+        calls.clear()
+        net.forward_intermediates(x)
+        assert calls == ["probs"] * SMALL.depth, calls  # fc1 + GELU still one kernel there: no "gelu"
     finally:
         ms.set_context(mode=previous)
 

@@ -147,6 +147,60 @@ def test_dense_kernel_with_gelu_is_gelu_of_x_wt_plus_b(isa, approximate):
         np.testing.assert_array_equal(grad, expected, err_msg=f"gradient of {name}")
 
 
+def _block_apart(isa, heads, eps, approximate):
+    """A pre-norm encoder block in eval as the seven separate kernels (LayerNorm, Linear, Attention,
+    LinearResidual, LayerNorm, LinearGelu, LinearResidual), each tested against float64 in this file."""
+    norm, linear, attend = kernels.layer_norm(isa), kernels.linear(isa), kernels.fused_attention(isa)
+    residual, linear_gelu = kernels.linear_residual(isa), kernels.linear_gelu(approximate, isa)
+    eps = ms.Tensor([eps], ms.float32)
+
+    def block(z, g1, b1, w_qkv, b_qkv, w_proj, b_proj, g2, b2, w1, c1, w2, c2):
+        _, n, d = z.shape
+        qkv = linear(norm(z, g1, b1, eps), w_qkv, b_qkv).reshape(-1, n, 3, heads, d // heads)
+        z1 = residual(attend(qkv, ms.Tensor([(d // heads) ** -0.5], ms.float32)).reshape(-1, n, d), w_proj, b_proj, z)
+        return residual(linear_gelu(norm(z1, g2, b2, eps), w1, c1), w2, c2, z1)
+
+    return block
+
+
+def _block_inputs(batch, n, d, hidden, seed):
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    def norm_params():
+        return [1 + normal(d, scale=0.1), normal(d, scale=0.1)]
+
+    def dense(out, inp):
+        return [normal(out, inp, scale=inp ** -0.5), normal(out, scale=0.1)]
+
+    return ([normal(batch, n, d)] + norm_params() + dense(3 * d, d) + dense(d, d) + norm_params()
+            + dense(hidden, d) + dense(d, hidden))
+
+
+@pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
+def test_encoder_block_kernel_is_the_blocks_kernels_in_order(isa, approximate):
+    """Eval's whole encoder block in one kernel runs the same kernels as the block's separate ops, in the same
+    order, on buffers of its own: the same float32 numbers, forward and backward (its backward recomputes the
+    intermediates and runs their backward kernels). Batch 3, then 1 (the buffer kept from the larger call),
+    then an MLP wider than 4 D (the buffer sized by it) and 5 query rows over 2 heads."""
+    heads, eps = 4, 1e-6
+    for (batch, n, d, hidden), seed in (((3, 7, 32, 128), 0), ((1, 7, 32, 128), 1), ((2, 5, 16, 96), 2)):
+        h = heads if hidden == 4 * d else 2
+        op = kernels.encoder_block(h, eps, approximate, isa)
+        settings = np.array([h, eps, (d // h) ** -0.5], np.float32)
+        inputs = _block_inputs(batch, n, d, hidden, seed)
+        upstream = _normal(batch, n, d, seed=seed + 7)
+        out, grads = _ours(lambda *a: op(*a, ms.Tensor(settings)), inputs, upstream, len(inputs))
+        apart_out, apart_grads = _ours(_block_apart(isa, h, eps, approximate), inputs, upstream, len(inputs))
+        assert np.abs(out - inputs[0]).max() > 0.1  # both branches add something
+        np.testing.assert_array_equal(out, apart_out, err_msg=f"block output, {batch} x {n} x {d}, MLP {hidden}")
+        for i, (grad, expected) in enumerate(zip(grads, apart_grads)):
+            assert np.abs(expected).max() > 0, i
+            np.testing.assert_array_equal(grad, expected, err_msg=f"gradient of input {i}, {batch} x {n} x {d}")
+
+
 def test_add_bias_kernel(isa, mode):
     # x + b is one rounding; the bias gradient sums 37 rows.
     _check_sums(kernels.add_bias(isa), lambda x, b: x + b, [_normal(37, 16), _normal(16, seed=1)], k=37 + 1)

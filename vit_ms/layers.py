@@ -180,16 +180,33 @@ class GELU(nn.Cell):
         return self.kernel(x)
 
 
-def linear_residual(*, fused: bool):
-    """The one-kernel r + x w^T + b that eval uses for the projection that ends a residual branch,
-    `op(x, w, b, r)`, or None (not fused, or the kernel cannot build): no Add op of its own."""
-    return _ops().linear_residual() if fused else None
-
-
 def linear_gelu(approximate: bool, *, fused: bool):
     """The one-kernel GELU(x w^T + b) that eval uses for a Dense layer followed by GELU, `op(x, w, b)`, or
     None (not fused, or the kernel cannot build): the hidden activations then exist once, not twice."""
     return _ops().linear_gelu(approximate) if fused else None
+
+
+class EncoderBlockKernel(nn.Cell):
+    """A whole pre-norm encoder block (Eq. 2 and 3, drop-path the identity) in one fused kernel, for eval:
+    `vit_ms.ops.encoder_block`. It holds no parameters; the block passes its own."""
+
+    def __init__(self, config, kernel):
+        super().__init__()
+        self.kernel = kernel
+        # What the kernel reads at run time; the same values its backward was built with (ops.encoder_block).
+        self.settings = ms.Tensor([config.num_heads, config.norm_eps, config.head_dim ** -0.5], ms.float32)
+
+    def construct(self, x, ln1_gamma, ln1_beta, qkv_w, qkv_b, proj_w, proj_b, ln2_gamma, ln2_beta, fc1_w, fc1_b,
+                  fc2_w, fc2_b):
+        return self.kernel(x, ln1_gamma, ln1_beta, qkv_w, qkv_b, proj_w, proj_b, ln2_gamma, ln2_beta, fc1_w, fc1_b,
+                           fc2_w, fc2_b, self.settings)
+
+
+def encoder_block(config, *, fused: bool) -> Optional[EncoderBlockKernel]:
+    """The one-kernel encoder block that eval runs, or None (not fused, or the kernel cannot build)."""
+    kernel = (_ops().encoder_block(config.num_heads, config.norm_eps, config.gelu_approximate)
+              if fused else None)
+    return None if kernel is None else EncoderBlockKernel(config, kernel)
 
 
 class DropPath(nn.Cell):

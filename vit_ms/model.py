@@ -29,8 +29,8 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import Normal, Zero, initializer
 
 from .config import ViTConfig, get_config
-from .layers import (GELU, AttentionCore, DropPath, PatchProjection, initial, layer_norm, linear, linear_gelu,
-                     linear_residual, use_fused_kernels)
+from .layers import (GELU, AttentionCore, DropPath, PatchProjection, encoder_block, initial, layer_norm, linear,
+                     linear_gelu, use_fused_kernels)
 
 
 class PatchEmbed(nn.Cell):
@@ -55,7 +55,6 @@ class Attention(nn.Cell):
         self.core = AttentionCore(config.head_dim, fused=fused, dropout=config.attention_dropout)
         self.attn_drop = nn.Dropout(p=config.attention_dropout)
         self.proj = linear(config.embed_dim, config.embed_dim, fused=fused)
-        self.proj_residual = linear_residual(fused=fused)  # residual + proj(.) in one kernel, eval only
 
     def heads(self, x):
         """Tokens (B, N, D) -> the qkv projection viewed per head: (B, N, 3, heads, head_dim)."""
@@ -69,18 +68,12 @@ class Attention(nn.Cell):
         x = self.core.values(self.attn_drop(probs), qkv)  # (B, N, heads, head_dim)
         return self.proj(x.reshape(-1, n, d)), probs  # heads concatenated, then projected
 
-    def construct(self, x, residual=None):
-        """Tokens (B, N, D) -> MSA(x), or residual + MSA(x) given the residual stream (B, N, D)."""
+    def construct(self, x):
         if self.core.one_kernel():
             # The same math in one kernel (and one for the backward) that never writes (B, heads, N, N).
             _, n, d = x.shape
-            merged = self.core.attend(self.heads(x)).reshape(-1, n, d)  # heads concatenated
-            if residual is not None and self.proj_residual is not None:
-                return self.proj_residual(merged, self.proj.weight, self.proj.bias, residual)
-            out = self.proj(merged)
-        else:
-            out = self.forward_with_probs(x)[0]
-        return out if residual is None else residual + out
+            return self.proj(self.core.attend(self.heads(x)).reshape(-1, n, d))  # heads concatenated
+        return self.forward_with_probs(x)[0]
 
 
 class FeedForward(nn.Cell):
@@ -93,18 +86,11 @@ class FeedForward(nn.Cell):
         self.fc2 = linear(config.mlp_dim, config.embed_dim, bias_std=1e-6, fused=fused)
         self.drop = nn.Dropout(p=config.dropout)
         self.fc1_act = linear_gelu(config.gelu_approximate, fused=fused)  # fc1 and GELU in one kernel, eval only
-        self.fc2_residual = linear_residual(fused=fused)  # residual + fc2(.) in one kernel, eval only
 
-    def construct(self, x, residual=None):
-        """Tokens (B, N, D) -> MLP(x), or residual + MLP(x) given the residual stream (B, N, D)."""
+    def construct(self, x):
         if self.fc1_act is not None and not self.training:  # dropout is the identity in eval
-            hidden = self.fc1_act(x, self.fc1.weight, self.fc1.bias)
-            if residual is not None and self.fc2_residual is not None:
-                return self.fc2_residual(hidden, self.fc2.weight, self.fc2.bias, residual)
-            out = self.fc2(hidden)
-        else:
-            out = self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-        return out if residual is None else residual + out
+            return self.fc2(self.fc1_act(x, self.fc1.weight, self.fc1.bias))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Cell):
@@ -117,6 +103,7 @@ class Block(nn.Cell):
         self.norm2 = layer_norm(config.embed_dim, config.norm_eps, fused=fused)
         self.mlp = FeedForward(config, fused)
         self.drop_path = DropPath(drop_path)
+        self.one_kernel = encoder_block(config, fused=fused)  # the whole block in one kernel, eval only
 
     def forward_with_probs(self, x):
         """Tokens (B, N, D) -> (tokens (B, N, D), this block's attention probabilities): `construct` with
@@ -127,9 +114,11 @@ class Block(nn.Cell):
         return x, probs
 
     def construct(self, x):
-        if not self.training:  # drop_path is the identity: each sum formed in its branch's last projection
-            x = self.attn(self.norm1(x), residual=x)  # (2)
-            return self.mlp(self.norm2(x), residual=x)  # (3)
+        if self.one_kernel is not None and not self.training:  # Eq. 2 and 3, drop_path the identity
+            attn, mlp = self.attn, self.mlp
+            return self.one_kernel(x, self.norm1.gamma, self.norm1.beta, attn.qkv.weight, attn.qkv.bias,
+                                   attn.proj.weight, attn.proj.bias, self.norm2.gamma, self.norm2.beta,
+                                   mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
         x = x + self.drop_path(self.attn(self.norm1(x)))  # (2)
         x = x + self.drop_path(self.mlp(self.norm2(x)))  # (3)
         return x

@@ -255,6 +255,65 @@ def linear_gelu(approximate: bool, isa: Optional[str] = None):
     return _custom(path, "Linear" + name, 3, bprop)
 
 
+def encoder_block(num_heads: int, norm_eps: float, approximate: bool, isa: Optional[str] = None):
+    """A whole pre-norm encoder block in one kernel, for networks in eval mode (Eq. 2 and 3, drop-path the
+    identity): `op(z, ln1_gamma, ln1_beta, qkv_w, qkv_b, proj_w, proj_b, ln2_gamma, ln2_beta, fc1_w, fc1_b,
+    fc2_w, fc2_b, settings) -> z_out`, z (B, N, D), `settings` float32 [num_heads, norm_eps, head_dim ** -0.5].
+    It runs the kernels of `layer_norm`, `linear`, `fused_attention`, `linear_residual` and `linear_gelu` in
+    the order the block's separate ops would, so it computes exactly what they compute. Its backward (for
+    gradients of a network in eval mode, e.g. saliency maps) recomputes the block's intermediates with those
+    kernels and runs their backward kernels. None where `linear()` would be None.
+
+    Args:
+        num_heads, norm_eps: the block's; the backward is built for them (the settings tensor must agree).
+        approximate: the MLP's GELU: True for the tanh form, False for the exact erf form.
+        isa: the compiled variant (default `$VIT_MS_KERNEL_ISA`).
+    """
+    import mindspore as ms
+    from mindspore import ops
+
+    path = library(isa)
+    if path is None or dnnl_library() is None:
+        return None
+    gelu_name = "GeluTanh" if approximate else "GeluErf"
+    norm, norm_grad, norm_param_grad = (_custom(path, "LayerNorm", 4), _custom(path, "LayerNormGrad", 4),
+                                        _custom(path, "LayerNormParamGrad", 3))
+    dense, dense_residual, attend = (_custom(path, "Linear", 3), _custom(path, "LinearResidual", 4),
+                                     _custom(path, "Attention", 2))
+    gelu, gelu_grad, attend_grad = _custom(path, gelu_name, 1), _custom(path, gelu_name + "Grad", 2), \
+        _custom(path, "AttentionGrad", 3)
+    grad_x, grad_w, grad_b = _dense_backward(path)
+    eps = ms.Tensor([norm_eps], ms.float32)
+
+    def bprop(z, g1, b1, w_qkv, b_qkv, w_proj, b_proj, g2, b2, w1, bias1, w2, bias2, settings, out, dout):
+        _, n, d = z.shape
+        # Forward again, keeping what the backward kernels read.
+        h1 = norm(z, g1, b1, eps)
+        qkv = dense(h1, w_qkv, b_qkv).reshape(-1, n, 3, num_heads, d // num_heads)
+        scale = settings[2:3]
+        att = attend(qkv, scale).reshape(-1, n, d)
+        z1 = dense_residual(att, w_proj, b_proj, z)  # Eq. 2
+        h2 = norm(z1, g2, b2, eps)
+        pre = dense(h2, w1, bias1)
+        act = gelu(pre)
+        # Eq. 3 backward: z_out = z1 + fc2(GELU(fc1(LN2(z1))))
+        d_pre = gelu_grad(pre, grad_x(dout, w2))
+        d_h2 = grad_x(d_pre, w1)
+        ln2_grads = norm_param_grad(z1, d_h2, eps)
+        dz1 = dout + norm_grad(z1, g2, d_h2, eps)
+        # Eq. 2 backward: z1 = z + proj(attention(qkv(LN1(z))))
+        d_qkv = attend_grad(grad_x(dz1, w_proj).reshape(-1, n, num_heads, d // num_heads), qkv, scale)
+        d_qkv = d_qkv.reshape(-1, n, 3 * d)
+        d_h1 = grad_x(d_qkv, w_qkv)
+        ln1_grads = norm_param_grad(z, d_h1, eps)
+        dz = dz1 + norm_grad(z, g1, d_h1, eps)
+        return (dz, ln1_grads[0], ln1_grads[1], grad_w(d_qkv, h1), grad_b(d_qkv), grad_w(dz1, att), grad_b(dz1),
+                ln2_grads[0], ln2_grads[1], grad_w(d_pre, h2), grad_b(d_pre), grad_w(dout, act), grad_b(dout),
+                ops.zeros_like(settings))
+
+    return _custom(path, "EncoderBlock" + ("Tanh" if approximate else "Erf"), 14, bprop)
+
+
 def attention(isa: Optional[str] = None):
     """`(scores, values)` on the qkv projection's output viewed as (B, N, 3, heads, head_dim), in place:
     `scores(qkv, scale) -> scale q k^T` (B, heads, N, N), with `scale` a float32 tensor of shape (1,), and
@@ -325,5 +384,5 @@ def patchify(isa: Optional[str] = None):
 
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
-           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_residual", "linear_gelu", "attention", "fused_attention",
+           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_residual", "linear_gelu", "encoder_block", "attention", "fused_attention",
            "softmax", "patchify", "adamw_update"]

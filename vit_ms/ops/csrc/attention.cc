@@ -132,15 +132,10 @@ extern "C" std::vector<int64_t> AttentionInferShape(int *ndims, int64_t **shapes
   const int64_t *s = shapes[0];
   return std::vector<int64_t>{s[0], s[1], s[3], s[4]};
 }
-extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                         void *extra) {
-  Heads h;
-  if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[0], shapes[0], &h)) return 1;
+int attention(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t dim, float scale, float *out) {
+  const Heads h{batch, n, heads, dim};
   const sgemm_fn sgemm = dnnl_sgemm_fn();
   if (sgemm == nullptr) return 1;
-  const float *qkv = static_cast<const float *>(params[0]);
-  const float scale = *static_cast<const float *>(params[1]);
-  float *out = static_cast<float *>(params[2]);
   if (h.count() == 0 || h.n == 0) return 0;  // nothing to compute (and no block size to derive)
   // Blocks of at most 64 query rows, equal in size (197 tokens: 4 blocks of 50, not 64, 64, 64, 5).
   const int64_t blocks = (h.n + 63) / 64, block = (h.n + blocks - 1) / blocks;
@@ -165,6 +160,14 @@ extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes
     }
   }
   return status;
+}
+
+extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                         void *extra) {
+  Heads h;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || !qkv_heads(ndims[0], shapes[0], &h)) return 1;
+  return attention(static_cast<const float *>(params[0]), h.batch, h.n, h.heads, h.dim,
+                   *static_cast<const float *>(params[1]), static_cast<float *>(params[2]));
 }
 
 // AttentionGrad's work where there are fewer (sample, head) pairs than make whole rounds for the threads

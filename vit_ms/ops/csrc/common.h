@@ -95,6 +95,10 @@ VIT_MS_INTERNAL void softmax_rows(const float *__restrict x, float *__restrict y
 // backward too.
 VIT_MS_INTERNAL void softmax_grad_rows(const float *__restrict y, const float *dy, float *dx, int64_t rows, int64_t d);
 
+// LayerNorm of each of `rows` rows of length d over the OpenMP threads; y may not be x. layernorm.cc.
+VIT_MS_INTERNAL void layer_norm(const float *x, const float *g, const float *b, float *y, int64_t rows, int64_t d,
+                                float eps);
+
 // GELU of n floats, exact (erf) and tanh forms; y may be x. Defined in gelu.cc, used by the Dense kernel
 // that applies GELU to its own output too.
 VIT_MS_INTERNAL void gelu_erf(const float *x, float *y, int64_t n);
@@ -105,4 +109,16 @@ VIT_MS_INTERNAL void gelu_tanh(const float *x, float *y, int64_t n);
 typedef int (*sgemm_fn)(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                         int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 VIT_MS_INTERNAL sgemm_fn dnnl_sgemm_fn();
+
+// Dense layers on `rows` rows, x (rows, k), w (n, k), b (n) -> y (rows, n); 0 on success. dense.cc.
+// y = x w^T + b; with `gelu` (gelu_erf or gelu_tanh) applied to it; r + x w^T + b (r may be y itself).
+VIT_MS_INTERNAL int dense(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t k, int64_t n,
+                          void (*gelu)(const float *, float *, int64_t) = nullptr);
+VIT_MS_INTERNAL int dense_residual(const float *x, const float *w, const float *b, const float *r, float *y,
+                                   int64_t rows, int64_t k, int64_t n);
+
+// softmax(scale q k^T) v for each (sample, head) of qkv (batch, n, 3, heads, dim) -> out (batch, n, heads, dim);
+// 0 on success. attention.cc.
+VIT_MS_INTERNAL int attention(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t dim, float scale,
+                              float *out);
 #endif

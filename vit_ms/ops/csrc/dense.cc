@@ -122,6 +122,52 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
   return parallel_sgemm(ta, tb, m, n, k, a, lda, a_row, b, ldb, b_col, beta, c, nothing, nothing);
 }
 
+// y = x w^T + b, then `gelu` on it if given. Each thread writes the bias into its block of y, adds x w^T onto
+// it (beta = 1) and applies `gelu` to the block while it is in cache: one parallel region, one fork/join per
+// layer (it counts at batch 1).
+int dense(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t k, int64_t n,
+          void (*gelu)(const float *, float *, int64_t)) {
+  auto bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    for (int64_t r = r0; r < r0 + nr; ++r) std::memcpy(y + r * n + c0, b + c0, nc * sizeof(float));
+  };
+  auto activation = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    if (gelu != nullptr)
+      for (int64_t r = r0; r < r0 + nr; ++r) gelu(y + r * n + c0, y + r * n + c0, nc);
+  };
+  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, bias, activation);
+}
+
+// y = r + x w^T + b: each thread writes r + b into its block of y and adds x w^T onto it. r may be y (each
+// element reads its own r before it is written).
+int dense_residual(const float *x, const float *w, const float *b, const float *r, float *y, int64_t rows, int64_t k,
+                   int64_t n) {
+  auto residual_and_bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    for (int64_t i = r0; i < r0 + nr; ++i)
+      for (int64_t j = c0; j < c0 + nc; ++j) y[i * n + j] = r[i * n + j] + b[j];
+  };
+  const auto nothing = [](int64_t, int64_t, int64_t, int64_t) {};
+  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, residual_and_bias, nothing);
+}
+
+// The Linear kernels' arguments, (x (..., K), w (N, K), b (N)[, r (..., N)]) -> y (..., N); false if malformed.
+struct DenseArgs {
+  const float *x, *w, *b;
+  float *y;
+  int64_t rows, k, n;
+};
+static bool dense_args(int nparam, int inputs, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                       DenseArgs *a) {
+  if (nparam != inputs + 1 || ndims[0] < 1 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return false;
+  a->x = static_cast<const float *>(params[0]);
+  a->w = static_cast<const float *>(params[1]);
+  a->b = static_cast<const float *>(params[2]);
+  a->y = static_cast<float *>(params[inputs]);
+  a->k = last_dim(ndims[0], shapes[0]);
+  a->rows = numel(ndims[0], shapes[0]) / a->k;
+  a->n = shapes[1][0];
+  return true;
+}
+
 // Shape helper for x (..., K): the leading axes are rows, kept as they are in the output, as nn.Dense
 // does; taking them here rather than reshaping around the op saves two graph nodes per Dense layer.
 static std::vector<int64_t> with_last(int ndim, const int64_t *shape, int64_t last) {
@@ -130,32 +176,15 @@ static std::vector<int64_t> with_last(int ndim, const int64_t *shape, int64_t la
   return out;
 }
 
-// (x (..., K), w (N, K), b (N)) -> act(x w^T + b) (..., N). Each thread writes the bias into its block of y,
-// adds x w^T onto it (beta = 1) and applies `act` to the block: one parallel region, one fork/join per
-// layer (it counts at batch 1).
-template <typename Activation>
-static int linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, Activation act) {
-  if (nparam != 4 || ndims[0] < 1 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
-  const float *b = static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
-  const int64_t k = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
-  auto bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    for (int64_t r = r0; r < r0 + nr; ++r) std::memcpy(y + r * n + c0, b + c0, nc * sizeof(float));
-  };
-  auto activation = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    for (int64_t r = r0; r < r0 + nr; ++r) act(y + r * n + c0, y + r * n + c0, nc);
-  };
-  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, bias, activation);
-}
-
 // (x (..., K), w (N, K), b (N)) -> x w^T + b (..., N), like nn.Dense
 extern "C" std::vector<int64_t> LinearInferShape(int *ndims, int64_t **shapes, void *extra) {
   return with_last(ndims[0], shapes[0], shapes[1][0]);
 }
 extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                       void *extra) {
-  return linear(nparam, params, ndims, shapes, dtypes, [](const float *, float *, int64_t) {});
+  DenseArgs a;
+  if (!dense_args(nparam, 3, params, ndims, shapes, dtypes, &a)) return 1;
+  return dense(a.x, a.w, a.b, a.y, a.rows, a.k, a.n);
 }
 
 // (x, w, b) -> GELU(x w^T + b), for eval: GELU applied to each thread's block right after its product, so
@@ -166,38 +195,34 @@ extern "C" std::vector<int64_t> LinearGeluErfInferShape(int *ndims, int64_t **sh
 }
 extern "C" int LinearGeluErf(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  return linear(nparam, params, ndims, shapes, dtypes, gelu_erf);
+  DenseArgs a;
+  if (!dense_args(nparam, 3, params, ndims, shapes, dtypes, &a)) return 1;
+  return dense(a.x, a.w, a.b, a.y, a.rows, a.k, a.n, gelu_erf);
 }
 extern "C" std::vector<int64_t> LinearGeluTanhInferShape(int *ndims, int64_t **shapes, void *extra) {
   return with_last(ndims[0], shapes[0], shapes[1][0]);
 }
 extern "C" int LinearGeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  return linear(nparam, params, ndims, shapes, dtypes, gelu_tanh);
+  DenseArgs a;
+  if (!dense_args(nparam, 3, params, ndims, shapes, dtypes, &a)) return 1;
+  return dense(a.x, a.w, a.b, a.y, a.rows, a.k, a.n, gelu_tanh);
 }
 
 // (x (..., K), w (N, K), b (N), r (..., N)) -> r + x w^T + b, for eval: a block's residual sum formed in its
-// projection (attention's proj, the MLP's fc2). Each thread writes r + b into its block of y and adds x w^T
-// onto it: the residual costs one more read in that pass instead of an Add op of its own, which on MindSpore's
-// own thread pool took 30-40 us per call at batch 1 (ViT-Ti: 24 per image, ~4 % of the step). The same
-// terms as (x w^T + b) + r, summed in another order: within the same float32 bound.
+// projection (attention's proj, the MLP's fc2). The residual costs one more read in the bias pass instead of
+// an Add op of its own, which on MindSpore's own thread pool took 30-40 us per call at batch 1 (ViT-Ti: 24
+// per image, ~4 % of the step). The same terms as (x w^T + b) + r, summed in another order: within the same
+// float32 bound.
 extern "C" std::vector<int64_t> LinearResidualInferShape(int *ndims, int64_t **shapes, void *extra) {
   return with_last(ndims[0], shapes[0], shapes[1][0]);
 }
 extern "C" int LinearResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  if (nparam != 5 || ndims[0] < 1 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
-  const float *b = static_cast<const float *>(params[2]), *res = static_cast<const float *>(params[3]);
-  float *y = static_cast<float *>(params[4]);
-  const int64_t k = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
-  if (numel(ndims[3], shapes[3]) != rows * n || last_dim(ndims[3], shapes[3]) != n) return 1;
-  auto residual_and_bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    for (int64_t r = r0; r < r0 + nr; ++r)
-      for (int64_t j = c0; j < c0 + nc; ++j) y[r * n + j] = res[r * n + j] + b[j];
-  };
-  const auto nothing = [](int64_t, int64_t, int64_t, int64_t) {};
-  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, residual_and_bias, nothing);
+  DenseArgs a;
+  if (!dense_args(nparam, 4, params, ndims, shapes, dtypes, &a)) return 1;
+  if (numel(ndims[3], shapes[3]) != a.rows * a.n || last_dim(ndims[3], shapes[3]) != a.n) return 1;
+  return dense_residual(a.x, a.w, a.b, static_cast<const float *>(params[3]), a.y, a.rows, a.k, a.n);
 }
 
 // (dy (..., N), w (N, K)) -> dx = dy w (..., K)

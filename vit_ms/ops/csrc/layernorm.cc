@@ -60,6 +60,10 @@ static void param_grad_rows(const float *__restrict x, const float *__restrict d
   }
 }
 
+void layer_norm(const float *x, const float *g, const float *b, float *y, int64_t rows, int64_t d, float eps) {
+  PARALLEL_ROWS(rows, if (nr > 0) layer_norm_rows(x + r0 * d, g, b, y + r0 * d, nr, d, eps))
+}
+
 SAME_SHAPE_INFER(LayerNorm)
 SAME_SHAPE_INFER(LayerNormGrad)
 
@@ -72,7 +76,7 @@ extern "C" int LayerNorm(int nparam, void **params, int *ndims, int64_t **shapes
   const float eps = *static_cast<const float *>(params[3]);
   float *y = static_cast<float *>(params[4]);
   const int64_t d = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / d;
-  PARALLEL_ROWS(rows, if (nr > 0) layer_norm_rows(x + r0 * d, g, b, y + r0 * d, nr, d, eps))
+  layer_norm(x, g, b, y, rows, d, eps);
   return 0;
 }
 

@@ -1,0 +1,78 @@
+// A whole pre-norm encoder block for eval in one kernel (Eq. 2 and 3 with drop-path the identity):
+//     z' = z + proj(Attention(qkv(LN1(z))))      z_out = z' + fc2(GELU(fc1(LN2(z'))))
+// the same kernels, in the same order, as the block's seven separate ops (LayerNorm, Linear, Attention,
+// LinearResidual, LayerNorm, LinearGelu, LinearResidual), so the same float32 results. What it saves is the
+// graph's work between ops: MindSpore's runtime spent 11-33 us between two kernels of a fixed-shape graph
+// and 39-77 us in a dynamic-batch one (it infers every op's shapes again at each call), against a few us
+// for an OpenMP fork/join here; ViT-Ti at batch 1 ran 108 ops per image, 12 with this kernel.
+#include "common.h"
+
+#ifdef VIT_MS_DNNL_PATH
+#include <mutex>
+#include <new>
+
+// The block's intermediates, rows x (D + max(4 D, H)) floats (H: the MLP's width, 4 D in every ViT preset):
+// the LN output (D; LN1's, then LN2's) and a region that holds qkv (3 D) and the attention output (D), then
+// the MLP's hidden activations (H). Kept between calls (the
+// next block of the step needs the same size; ViT-B/16 at batch 16: 48 MB, what the separate ops' tensors
+// took in MindSpore's memory pool) and grown when a larger input comes. A second concurrent caller (two
+// graphs run from two threads) gets a buffer of its own.
+static std::mutex scratch_mutex;
+static std::vector<float> scratch;
+
+static int encoder_block(void **params, int64_t batch, int64_t n, int64_t d, int64_t hidden,
+                         void (*gelu)(const float *, float *, int64_t), float *work) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *ln1_g = static_cast<const float *>(params[1]), *ln1_b = static_cast<const float *>(params[2]);
+  const float *qkv_w = static_cast<const float *>(params[3]), *qkv_b = static_cast<const float *>(params[4]);
+  const float *proj_w = static_cast<const float *>(params[5]), *proj_b = static_cast<const float *>(params[6]);
+  const float *ln2_g = static_cast<const float *>(params[7]), *ln2_b = static_cast<const float *>(params[8]);
+  const float *fc1_w = static_cast<const float *>(params[9]), *fc1_b = static_cast<const float *>(params[10]);
+  const float *fc2_w = static_cast<const float *>(params[11]), *fc2_b = static_cast<const float *>(params[12]);
+  const float *settings = static_cast<const float *>(params[13]);  // heads, LayerNorm eps, attention scale
+  float *y = static_cast<float *>(params[14]);
+  const int64_t heads = static_cast<int64_t>(settings[0]), rows = batch * n;
+  const float eps = settings[1], scale = settings[2];
+  float *ln = work, *wide = work + rows * d;  // wide: qkv (3 D) and attention (D), then fc1's output (H)
+  float *qkv = wide, *att = wide + rows * 3 * d;
+  layer_norm(x, ln1_g, ln1_b, ln, rows, d, eps);
+  int status = dense(ln, qkv_w, qkv_b, qkv, rows, d, 3 * d);
+  status |= attention(qkv, batch, n, heads, d / heads, scale, att);
+  status |= dense_residual(att, proj_w, proj_b, x, y, rows, d, d);  // y = z'
+  layer_norm(y, ln2_g, ln2_b, ln, rows, d, eps);
+  status |= dense(ln, fc1_w, fc1_b, wide, rows, d, hidden, gelu);
+  return status | dense_residual(wide, fc2_w, fc2_b, y, y, rows, hidden, d);
+}
+
+// (z (B, N, D), ln1 gamma, beta, qkv w, b, proj w, b, ln2 gamma, beta, fc1 w, b, fc2 w, b, settings (3,)) -> (B, N, D)
+static int encoder_block_kernel(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void (*gelu)(const float *, float *, int64_t)) {
+  if (nparam != 15 || ndims[0] != 3 || !all_float32(nparam, dtypes)) return 1;
+  const int64_t batch = shapes[0][0], n = shapes[0][1], d = shapes[0][2], hidden = shapes[9][0];
+  const int64_t heads = static_cast<int64_t>(static_cast<const float *>(params[13])[0]);
+  if (heads < 1 || d % heads != 0 || shapes[3][0] != 3 * d || shapes[11][1] != hidden) return 1;
+  const size_t size = static_cast<size_t>(batch * n * (d + (hidden > 4 * d ? hidden : 4 * d)));
+  std::unique_lock<std::mutex> lock(scratch_mutex, std::try_to_lock);
+  std::vector<float> own;
+  std::vector<float> &work = lock.owns_lock() ? scratch : own;
+  if (work.size() < size) {
+    try {
+      work.resize(size);
+    } catch (const std::bad_alloc &) {
+      return 1;
+    }
+  }
+  return encoder_block(params, batch, n, d, hidden, gelu, work.data());
+}
+
+SAME_SHAPE_INFER(EncoderBlockErf)
+extern "C" int EncoderBlockErf(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  return encoder_block_kernel(nparam, params, ndims, shapes, dtypes, gelu_erf);
+}
+SAME_SHAPE_INFER(EncoderBlockTanh)
+extern "C" int EncoderBlockTanh(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  return encoder_block_kernel(nparam, params, ndims, shapes, dtypes, gelu_tanh);
+}
+#endif
