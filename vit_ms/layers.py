@@ -14,7 +14,9 @@ another dtype, and when the environment says so:
     VIT_MS_FUSED_KERNELS=0   plain MindSpore ops everywhere (1, the default: fused where the policy allows)
     VIT_MS_KERNEL_ISA=...    which compiled variant the fused layers use (see `vit_ms.ops`)
 
-A fused layer whose kernel cannot be built (no compiler) computes that step with the built-in op.
+A fused layer whose kernel cannot be built (no compiler) computes that step with the built-in op. For eval
+a fused network also runs each whole encoder block as one kernel (`EncoderBlockKernel`), on those layers'
+parameters.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@
 - Softmax, GELU (exact erf and tanh) and LayerNorm in one vectorised OpenMP pass each, forward and
   backward. Eigen's float32 rational erf and Cephes' exp are each accurate to a few ulp.
 - The patch embedding's permutation, again without Transpose's table.
+- For eval, a whole encoder block in one kernel (those kernels in a row): one graph op per block instead of
+  seven, which MindSpore's dynamic-batch graphs re-infer at every call.
 - AdamW's update of a parameter and its moments in one vectorised pass, in place (MindSpore's CPU
   AdamWeightDecay is a scalar double-precision loop).
 
@@ -216,9 +218,9 @@ def linear(isa: Optional[str] = None):
 
 def linear_residual(isa: Optional[str] = None):
     """`op(x, w, b, r) -> r + x w^T + b` in one kernel: a Dense layer whose output is added to the residual
-    stream while each thread's block is written, for networks in eval mode (no Add op of its own). Its
-    backward is the Dense layer's, and the residual's gradient is the incoming one. None where `linear()`
-    would be None."""
+    stream while each thread's block is written (no Add op of its own): how `encoder_block` ends each of its
+    two branches. Its backward is the Dense layer's, and the residual's gradient is the incoming one. None
+    where `linear()` would be None."""
     path = library(isa)
     if path is None or dnnl_library() is None:
         return None
@@ -276,12 +278,11 @@ def encoder_block(num_heads: int, norm_eps: float, approximate: bool, isa: Optio
     if path is None or dnnl_library() is None:
         return None
     gelu_name = "GeluTanh" if approximate else "GeluErf"
-    norm, norm_grad, norm_param_grad = (_custom(path, "LayerNorm", 4), _custom(path, "LayerNormGrad", 4),
-                                        _custom(path, "LayerNormParamGrad", 3))
-    dense, dense_residual, attend = (_custom(path, "Linear", 3), _custom(path, "LinearResidual", 4),
-                                     _custom(path, "Attention", 2))
-    gelu, gelu_grad, attend_grad = _custom(path, gelu_name, 1), _custom(path, gelu_name + "Grad", 2), \
-        _custom(path, "AttentionGrad", 3)
+    norm, norm_grad = _custom(path, "LayerNorm", 4), _custom(path, "LayerNormGrad", 4)
+    norm_param_grad = _custom(path, "LayerNormParamGrad", 3)
+    dense, dense_residual = _custom(path, "Linear", 3), _custom(path, "LinearResidual", 4)
+    attend, attend_grad = _custom(path, "Attention", 2), _custom(path, "AttentionGrad", 3)
+    gelu, gelu_grad = _custom(path, gelu_name, 1), _custom(path, gelu_name + "Grad", 2)
     grad_x, grad_w, grad_b = _dense_backward(path)
     eps = ms.Tensor([norm_eps], ms.float32)
 
@@ -384,5 +385,5 @@ def patchify(isa: Optional[str] = None):
 
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
-           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_residual", "linear_gelu", "encoder_block", "attention", "fused_attention",
-           "softmax", "patchify", "adamw_update"]
+           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_residual", "linear_gelu", "encoder_block",
+           "attention", "fused_attention", "softmax", "patchify", "adamw_update"]

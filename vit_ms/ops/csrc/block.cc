@@ -1,10 +1,10 @@
 // A whole pre-norm encoder block for eval in one kernel (Eq. 2 and 3 with drop-path the identity):
 //     z' = z + proj(Attention(qkv(LN1(z))))      z_out = z' + fc2(GELU(fc1(LN2(z'))))
-// the same kernels, in the same order, as the block's seven separate ops (LayerNorm, Linear, Attention,
-// LinearResidual, LayerNorm, LinearGelu, LinearResidual), so the same float32 results. What it saves is the
-// graph's work between ops: MindSpore's runtime spent 11-33 us between two kernels of a fixed-shape graph
-// and 39-77 us in a dynamic-batch one (it infers every op's shapes again at each call), against a few us
-// for an OpenMP fork/join here; ViT-Ti at batch 1 ran 108 ops per image, 12 with this kernel.
+// the same kernels, in the same order, as the block's separate ops (LayerNorm, Linear, Attention,
+// LinearResidual, LayerNorm, LinearGelu, LinearResidual), so the same float32 results. One graph op per
+// block instead of nine (those seven and two reshapes): a dynamic-batch graph (eval.py's, infer.py's)
+// infers every op's shapes again at each call, which cost ViT-Ti/16 ~3.5 ms of a ~25 ms batch-1 step; and
+// the intermediates live in one buffer that is reused from block to block instead of MindSpore's tensors.
 #include "common.h"
 
 #ifdef VIT_MS_DNNL_PATH
@@ -13,10 +13,10 @@
 
 // The block's intermediates, rows x (D + max(4 D, H)) floats (H: the MLP's width, 4 D in every ViT preset):
 // the LN output (D; LN1's, then LN2's) and a region that holds qkv (3 D) and the attention output (D), then
-// the MLP's hidden activations (H). Kept between calls (the
-// next block of the step needs the same size; ViT-B/16 at batch 16: 48 MB, what the separate ops' tensors
-// took in MindSpore's memory pool) and grown when a larger input comes. A second concurrent caller (two
-// graphs run from two threads) gets a buffer of its own.
+// the MLP's hidden activations (H). Kept between calls (the next block of the step needs the same size;
+// ViT-B/16 at batch 16: 48 MB, about what the separate ops' tensors took in MindSpore's memory pool) and
+// grown when a larger input comes. A second concurrent caller (two graphs run from two threads) gets a
+// buffer of its own.
 static std::mutex scratch_mutex;
 static std::vector<float> scratch;
 
