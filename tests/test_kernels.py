@@ -185,15 +185,14 @@ def test_encoder_block_kernel_is_the_blocks_kernels_in_order(isa, approximate):
     order, on buffers of its own: the same float32 numbers, forward and backward (its backward recomputes the
     intermediates and runs their backward kernels). Batch 3, then 1 (the buffer kept from the larger call),
     then an MLP wider than 4 D (the buffer sized by it) and 5 query rows over 2 heads."""
-    heads, eps = 4, 1e-6
-    for (batch, n, d, hidden), seed in (((3, 7, 32, 128), 0), ((1, 7, 32, 128), 1), ((2, 5, 16, 96), 2)):
-        h = heads if hidden == 4 * d else 2
-        op = kernels.encoder_block(h, eps, approximate, isa)
-        settings = np.array([h, eps, (d // h) ** -0.5], np.float32)
+    eps = 1e-6
+    for seed, (batch, n, d, hidden, heads) in enumerate(((3, 7, 32, 128, 4), (1, 7, 32, 128, 4), (2, 5, 16, 96, 2))):
+        op = kernels.encoder_block(heads, eps, approximate, isa)
+        settings = np.array([heads, eps, (d // heads) ** -0.5], np.float32)
         inputs = _block_inputs(batch, n, d, hidden, seed)
         upstream = _normal(batch, n, d, seed=seed + 7)
         out, grads = _ours(lambda *a: op(*a, ms.Tensor(settings)), inputs, upstream, len(inputs))
-        apart_out, apart_grads = _ours(_block_apart(isa, h, eps, approximate), inputs, upstream, len(inputs))
+        apart_out, apart_grads = _ours(_block_apart(isa, heads, eps, approximate), inputs, upstream, len(inputs))
         assert np.abs(out - inputs[0]).max() > 0.1  # both branches add something
         np.testing.assert_array_equal(out, apart_out, err_msg=f"block output, {batch} x {n} x {d}, MLP {hidden}")
         for i, (grad, expected) in enumerate(zip(grads, apart_grads)):
