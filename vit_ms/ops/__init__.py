@@ -385,5 +385,5 @@ def patchify(isa: Optional[str] = None):
 
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
-           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_residual", "linear_gelu", "encoder_block",
-           "attention", "fused_attention", "softmax", "patchify", "adamw_update"]
+           "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_residual",
+           "linear_gelu", "encoder_block", "attention", "fused_attention", "softmax", "patchify", "adamw_update"]
