@@ -172,8 +172,8 @@ def test_eval_runs_each_block_as_one_kernel(monkeypatch):
     # training runs the block's layers apart (drop_path acts on each branch, GELU's backward needs the product),
     # and so does `forward_intermediates`, which needs the attention probabilities. Recorded in PyNative mode.
     calls = []
-    for cls, name in ((layers.EncoderBlockKernel, "block"), (layers.GELU, "gelu"), (layers.AttentionCore, "probs")):
-        method = "probs" if name == "probs" else "construct"
+    for cls, method, name in ((layers.EncoderBlockKernel, "construct", "block"), (layers.GELU, "construct", "gelu"),
+                              (layers.AttentionCore, "probs", "probs")):
         original = getattr(cls, method)
         monkeypatch.setattr(cls, method, lambda self, *args, _f=original, _n=name: calls.append(_n) or _f(self, *args))
     net = create_model(SMALL, fast=True)

@@ -69,11 +69,11 @@ class Attention(nn.Cell):
         return self.proj(x.reshape(-1, n, d)), probs  # heads concatenated, then projected
 
     def construct(self, x):
-        if self.core.one_kernel():
-            # The same math in one kernel (and one for the backward) that never writes (B, heads, N, N).
-            _, n, d = x.shape
-            return self.proj(self.core.attend(self.heads(x)).reshape(-1, n, d))  # heads concatenated
-        return self.forward_with_probs(x)[0]
+        if not self.core.one_kernel():
+            return self.forward_with_probs(x)[0]
+        # The same math in one kernel (and one for the backward) that never writes (B, heads, N, N).
+        _, n, d = x.shape
+        return self.proj(self.core.attend(self.heads(x)).reshape(-1, n, d))
 
 
 class FeedForward(nn.Cell):

@@ -176,47 +176,48 @@ static std::vector<int64_t> with_last(int ndim, const int64_t *shape, int64_t la
   return out;
 }
 
-// (x (..., K), w (N, K), b (N)) -> x w^T + b (..., N), like nn.Dense
-extern "C" std::vector<int64_t> LinearInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return with_last(ndims[0], shapes[0], shapes[1][0]);
-}
-extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                      void *extra) {
+// A Linear kernel's shape function: x (..., K) and w (N, K) give (..., N).
+#define LINEAR_INFER(name)                                                                      \
+  extern "C" std::vector<int64_t> name##InferShape(int *ndims, int64_t **shapes, void *extra) { \
+    return with_last(ndims[0], shapes[0], shapes[1][0]);                                        \
+  }
+
+// (x, w, b) -> `dense` with `gelu` (or none), for the three-input Linear kernels below.
+static int linear_kernel(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void (*gelu)(const float *, float *, int64_t)) {
   DenseArgs a;
   if (!dense_args(nparam, 3, params, ndims, shapes, dtypes, &a)) return 1;
-  return dense(a.x, a.w, a.b, a.y, a.rows, a.k, a.n);
+  return dense(a.x, a.w, a.b, a.y, a.rows, a.k, a.n, gelu);
+}
+
+// (x (..., K), w (N, K), b (N)) -> x w^T + b (..., N), like nn.Dense
+LINEAR_INFER(Linear)
+extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                      void *extra) {
+  return linear_kernel(nparam, params, ndims, shapes, dtypes, nullptr);
 }
 
 // (x, w, b) -> GELU(x w^T + b), for eval: GELU applied to each thread's block right after its product, so
 // the MLP's hidden activations exist once, not as the product and again as GELU's output (ViT-B/16 at
-// batch 16: 39 MB each, what set eval's peak memory). No backward: training keeps the product for GELU's.
-extern "C" std::vector<int64_t> LinearGeluErfInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return with_last(ndims[0], shapes[0], shapes[1][0]);
-}
+// batch 16: 39 MB each, what set eval's peak memory). Its backward (`ops.linear_gelu`) recomputes the product;
+// training runs the two apart, keeping the product for GELU's backward.
+LINEAR_INFER(LinearGeluErf)
 extern "C" int LinearGeluErf(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  DenseArgs a;
-  if (!dense_args(nparam, 3, params, ndims, shapes, dtypes, &a)) return 1;
-  return dense(a.x, a.w, a.b, a.y, a.rows, a.k, a.n, gelu_erf);
+  return linear_kernel(nparam, params, ndims, shapes, dtypes, gelu_erf);
 }
-extern "C" std::vector<int64_t> LinearGeluTanhInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return with_last(ndims[0], shapes[0], shapes[1][0]);
-}
+LINEAR_INFER(LinearGeluTanh)
 extern "C" int LinearGeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  DenseArgs a;
-  if (!dense_args(nparam, 3, params, ndims, shapes, dtypes, &a)) return 1;
-  return dense(a.x, a.w, a.b, a.y, a.rows, a.k, a.n, gelu_tanh);
+  return linear_kernel(nparam, params, ndims, shapes, dtypes, gelu_tanh);
 }
 
-// (x (..., K), w (N, K), b (N), r (..., N)) -> r + x w^T + b, for eval: a block's residual sum formed in its
-// projection (attention's proj, the MLP's fc2). The residual costs one more read in the bias pass instead of
-// an Add op of its own, which on MindSpore's own thread pool took 30-40 us per call at batch 1 (ViT-Ti: 24
-// per image, ~4 % of the step). The same terms as (x w^T + b) + r, summed in another order: within the same
-// float32 bound.
-extern "C" std::vector<int64_t> LinearResidualInferShape(int *ndims, int64_t **shapes, void *extra) {
-  return with_last(ndims[0], shapes[0], shapes[1][0]);
-}
+// (x (..., K), w (N, K), b (N), r (..., N)) -> r + x w^T + b: a residual sum formed in the projection that
+// ends its branch (attention's proj, the MLP's fc2), as the encoder block kernel (block.cc) does and its
+// backward recomputes. The residual costs one more read in the bias pass instead of an Add op of its own,
+// which on MindSpore's own thread pool took 30-40 us per call at batch 1. The same terms as
+// (x w^T + b) + r, summed in another order: within the same float32 bound.
+LINEAR_INFER(LinearResidual)
 extern "C" int LinearResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
   DenseArgs a;
