@@ -6,8 +6,8 @@ Inference and one training step (cross-entropy + AdamW) for each preset and batc
   `mindspore-dynamic` declares a dynamic batch dimension (`vit_ms.set_dynamic_batch`: one graph for
   every batch size, what eval.py and infer.py run); `mindspore-pynative` is the same network in
   PyNative mode (no graph compile); `mindspore-plain` is `fast=False` (MindSpore's built-in ops);
-  `mindspore-longspin` is `mindspore` with libgomp's own spin (GOMP_SPINCOUNT=300000) instead of
-  vit_ms's default (`vit_ms.threads`), for an A/B of that default in one run.
+  `mindspore-longspin` is `mindspore` with libgomp's own spin (GOMP_SPINCOUNT=300000, no OMP_WAIT_POLICY)
+  instead of vit_ms's defaults (`vit_ms.threads`), for an A/B of those defaults in one run.
 - `torch`: the tests' PyTorch reference ViT (`tests/torch_reference.py`), eager.
 - `onnxruntime` (inference only): that same PyTorch model exported with `torch.onnx.export` (so the same
   weights as `torch`), run by onnxruntime's CPU provider with its default threads.
@@ -342,8 +342,9 @@ def measure(args, framework, preset, batch, task) -> dict:
 
     # PyTorch at its own OpenMP defaults, not vit_ms's shorter spin (vit_ms.threads).
     env = dict(os.environ) if framework.startswith("mindspore") else threads.foreign_environment()
-    if framework == "mindspore-longspin":
+    if framework == "mindspore-longspin":  # libgomp's own: its default spin, no wait policy
         env[threads.SPIN_ENV] = threads.LIBGOMP_DEFAULT
+        env.pop(threads.WAIT_ENV, None)
     env["GLOG_v"] = os.environ.get("GLOG_v", "3")
     # The worker runs in a scratch dir: MindSpore's graph compiler drops rank_0/ and kernel_meta/ there.
     scratch = Path(args.scratch)
