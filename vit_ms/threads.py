@@ -16,7 +16,7 @@ ones on the caller's, each thread that starts a parallel region keeps a team of 
 3 managed threads. At 100 iterations (a few microseconds) a worker sleeps at nearly every region's end
 and must be woken for the next (~70-90 futex sleeps per ViT-S b1 step). vit_ms therefore also sets
 `OMP_WAIT_POLICY=ACTIVE`: with `GOMP_SPINCOUNT` given, its only effect is that throttled count, 1,000.
-Measured (README, "This round: the second OpenMP team"): ViT-Ti b1 inference ~10 % faster; training,
+Measured (README, the section on the second OpenMP team): ViT-Ti b1 inference ~10 % faster; training,
 which runs on one thread's team, keeps its 3,000.
 
 libgomp reads both once, when it is loaded, so the defaults are set when `vit_ms` is imported, before
