@@ -312,9 +312,9 @@ def test_a_late_vit_ms_import_says_how_to_get_the_spin_default(caplog, monkeypat
         create_model(SMALL)
         create_model(SMALL, fast=False)  # plain ops run no OpenMP kernels: no hint
     hints = [r.getMessage() for r in caplog.records if "GOMP_SPINCOUNT" in r.getMessage()]
-    assert hints == [f"MindSpore was imported before vit_ms, so libgomp keeps its long OpenMP spin (slower small "
-                     f"batches on few cores): import vit_ms first, or set GOMP_SPINCOUNT=3000 OMP_WAIT_POLICY=ACTIVE in "
-                     f"the environment"]
+    assert hints == ["MindSpore was imported before vit_ms, so libgomp keeps its long OpenMP spin (slower small "
+                     "batches on few cores): import vit_ms first, or set GOMP_SPINCOUNT=3000 OMP_WAIT_POLICY=ACTIVE "
+                     "in the environment"]
 
 
 # --- kernels unavailable, built lazily or ahead of time -------------------------------------------
