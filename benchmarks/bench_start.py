@@ -41,6 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # vit_ms from this checkout; te
 _VIT_MS_CHILD = r"""
 import json, sys, time
 launched = float(sys.argv[1]); ckpt, image = sys.argv[2], sys.argv[3]
+import vit_ms  # first, as every script: its OpenMP defaults must reach libgomp before MindSpore loads it
 import numpy as np
 import mindspore as ms
 from vit_ms.data import load_image, preprocess_image

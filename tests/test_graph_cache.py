@@ -67,7 +67,7 @@ def test_prune_keeps_the_newest(tmp_path):
 
 
 _RUN = """
-import json, sys
+import gc, json, sys
 import numpy as np
 import mindspore as ms
 from vit_ms import create_model, graph_cache, set_dynamic_batch
@@ -83,7 +83,7 @@ for p in net.get_parameters():
 set_dynamic_batch(net, net.config)
 net.set_train(False)
 x = ms.Tensor(np.random.default_rng(7).standard_normal((3, 3, 32, 32)).astype(np.float32))
-print(json.dumps({"folder": str(folder), "logits": net(x).asnumpy().tolist()}))
+print(json.dumps({"folder": str(folder), "logits": net(x).asnumpy().tolist(), "frozen": gc.get_freeze_count()}))
 """
 
 
@@ -110,6 +110,8 @@ def test_a_cached_graph_computes_what_a_fresh_compile_computes(tmp_path):
     fresh = _run(script, 2, False, env)
     assert warm["logits"] == fresh["logits"]
     assert warm["logits"] != cold["logits"]
+    # With the cache the process's objects were frozen for MindSpore's gc.collect() before each compile.
+    assert cold["frozen"] > 0 and warm["frozen"] > 0 and fresh["frozen"] == 0
 
 
 _CLASSIFY = """

@@ -20,6 +20,7 @@ network holds (tested).
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -115,7 +116,9 @@ def enable(purpose: str, settings: Optional[Mapping] = None) -> Optional[Path]:
     """Turn MindSpore's compile cache on for this process, in the folder for this key.
 
     Call before the first graph compiles (building a network does not compile it; its first call does).
-    Returns the folder, or None when the cache is switched off.
+    Returns the folder, or None when the cache is switched off. With the cache on, the objects alive at the
+    first call are also taken out of the garbage collector's walks (`_freeze_collected_objects`), which
+    MindSpore makes before every compile.
 
     Args:
         purpose: what compiles the graphs, e.g. "train", "infer".
@@ -136,7 +139,21 @@ def enable(purpose: str, settings: Optional[Mapping] = None) -> Optional[Path]:
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
     os.environ["MS_COMPILER_CACHE_PATH"] = str(folder)
     logger.debug("compiled graphs cached in %s", folder)
+    _freeze_collected_objects()
     return folder
+
+
+@functools.lru_cache(maxsize=None)  # once per process
+def _freeze_collected_objects() -> None:
+    """Take the objects alive now out of Python's cyclic garbage collector's walks (`gc.freeze()`).
+
+    MindSpore runs a full `gc.collect()` before every graph it compiles (`mindspore/graph/api.py`), a walk
+    over every object the imports made: 86 ms of a 0.21 s ViT-B/16 compile loaded from this cache (cProfile,
+    AMD EPYC). Frozen objects are still freed by reference counting; only a reference cycle among them
+    that is already garbage would now stay, once. Done here, with the cache, because this is the fast-start
+    path scripts opt into.
+    """
+    gc.freeze()
 
 
 def _prune(root: Path, keep: int) -> None:
