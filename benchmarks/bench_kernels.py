@@ -10,6 +10,7 @@ is the median over the rounds of the mean time per call (microseconds); "A vs B"
     python benchmarks/bench_kernels.py                                  # ViT-Ti/16, batch 1
     python benchmarks/bench_kernels.py --preset vit_b_16 --batch 16
     python benchmarks/bench_kernels.py --copies 12         # 12 layers' inputs and weights in turn: colder caches
+    python benchmarks/bench_kernels.py --preset vit_s_16 --copies 12 --kernels EncoderBlockErf   # x 12: the encoder
     python benchmarks/bench_kernels.py --isas avx512 --library before=/tmp/old/vit_ms_kernels_avx512_....so
 """
 from __future__ import annotations
@@ -61,6 +62,10 @@ def kernel_cases(config, batch: int, seed: int = 0) -> list:
         ("LinearGradWeight qkv", [np.ascontiguousarray(np.tile(rows, (1, 3))), rows], [(3 * d, d)]),
         ("LinearGradWeight fc1", [hidden_rows, rows], [(mlp, d)]),
         ("LinearGradWeight fc2", [rows, hidden_rows], [(d, mlp)]),
+        # The whole eval block (block.cc: the kernels above in a row); with --copies set to the model's depth,
+        # its time x depth is the encoder's share of an inference step with no graph around it.
+        ("EncoderBlockErf", [tokens, gamma, beta, w_qkv, arr(3 * d), w_proj, arr(d), gamma, beta, w_fc1, arr(mlp),
+                             w_fc2, arr(d), np.array([heads, 1e-6, hd ** -0.5], np.float32)], [tokens.shape]),
     ]
 
 
@@ -118,6 +123,8 @@ def main(argv=None):
                    help="comma-separated compiled variants of this checkout (default: every one this CPU runs)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per library (default 5)")
     p.add_argument("--seconds", type=float, default=0.05, help="time per kernel per round (default 0.05)")
+    p.add_argument("--kernels", default=None, metavar="NAME[,NAME...]",
+                   help="only these rows, e.g. 'EncoderBlockErf' or 'Linear qkv,Linear fc1' (default: every kernel)")
     p.add_argument("--copies", type=int, default=1,
                    help="distinct input and weight sets, called in turn (default 1: the same, cache-resident "
                         "data every call; a model's depth, e.g. 12, is closer to what a step sees)")
@@ -141,7 +148,14 @@ def main(argv=None):
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
     cases = [kernel_cases(config, args.batch, seed) for seed in range(args.copies)]
+    names = [name for name, _, _ in cases[0]]
+    wanted = [k.strip() for k in args.kernels.split(",")] if args.kernels else names
+    unknown = [k for k in wanted if k not in names]
+    if unknown:
+        p.error(f"--kernels: no kernel row {unknown}; the rows are {names}")
     for index, (name, _, outputs) in enumerate(cases[0]):
+        if name not in wanted:
+            continue
         calls = {label: [lib.prepare(name, copy[index][1], outputs) for copy in cases]
                  for label, lib in libraries.items()}
         calls = {label: label_calls for label, label_calls in calls.items() if None not in label_calls}
