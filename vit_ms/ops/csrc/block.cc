@@ -1,7 +1,9 @@
 // A whole pre-norm encoder block for eval in one kernel (Eq. 2 and 3 with drop-path the identity):
 //     z' = z + proj(Attention(qkv(LN1(z))))      z_out = z' + fc2(GELU(fc1(LN2(z'))))
 // the same kernels, in the same order, as the block's separate ops (LayerNorm, Linear, Attention,
-// LinearResidual, LayerNorm, LinearGelu, LinearResidual), so the same float32 results. One graph op per
+// LinearResidual, LayerNorm, LinearGelu, LinearResidual), so the same float32 results (each product here is
+// split by rows, see encoder_block; where a Linear op alone splits a large weight by columns instead, the
+// logits measured bit-identical both ways, ViT-S/16 and ViT-B/16 at batch 1, AVX2). One graph op per
 // block instead of nine (those seven and two reshapes): a dynamic-batch graph (eval.py's, infer.py's)
 // infers every op's shapes again at each call, which cost ViT-Ti/16 ~3.5 ms of a ~25 ms batch-1 step; and
 // the intermediates live in one buffer that is reused from block to block instead of MindSpore's tensors.
@@ -35,13 +37,20 @@ static int encoder_block(void **params, int64_t batch, int64_t n, int64_t d, int
   const float eps = settings[1], scale = settings[2];
   float *ln = work, *wide = work + rows * d;  // wide: qkv (3 D) and attention (D), then fc1's output (H)
   float *qkv = wide, *att = wide + rows * 3 * d;
+  // Every product split by rows, even where a weight outgrows L2 and a Linear op alone splits columns: here
+  // each thread's rows of a product's input were just written by that thread (the LayerNorms and the
+  // residual projections split rows too), where a column split has every thread read all of them, half from
+  // the other core. Measured in the model, steps alternating in one process (AMD EPYC, AVX2, 2 threads):
+  // ViT-S/16 batch 1 1.01-1.06x (9 processes of 200 steps), ViT-B/16 batch 1 0.98-1.02x (4), batch 4
+  // 1.03x, ViT-L/16 batch 1 1.09x, ViT-S/16 batch 4 1.00x (1 each).
+  const Split split = Split::kRows;
   layer_norm(x, ln1_g, ln1_b, ln, rows, d, eps);
-  int status = dense(ln, qkv_w, qkv_b, qkv, rows, d, 3 * d);
+  int status = dense(ln, qkv_w, qkv_b, qkv, rows, d, 3 * d, nullptr, split);
   status |= attention(qkv, batch, n, heads, d / heads, scale, att);
-  status |= dense_residual(att, proj_w, proj_b, x, y, rows, d, d);  // y = z'
+  status |= dense_residual(att, proj_w, proj_b, x, y, rows, d, d, split);  // y = z'
   layer_norm(y, ln2_g, ln2_b, ln, rows, d, eps);
-  status |= dense(ln, fc1_w, fc1_b, wide, rows, d, hidden, gelu);
-  return status | dense_residual(wide, fc2_w, fc2_b, y, y, rows, hidden, d);
+  status |= dense(ln, fc1_w, fc1_b, wide, rows, d, hidden, gelu, split);
+  return status | dense_residual(wide, fc2_w, fc2_b, y, y, rows, hidden, d, split);
 }
 
 // (z (B, N, D), ln1 gamma, beta, qkv w, b, proj w, b, ln2 gamma, beta, fc1 w, b, fc2 w, b, settings (3,)) -> (B, N, D)

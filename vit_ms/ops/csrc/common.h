@@ -110,12 +110,16 @@ typedef int (*sgemm_fn)(char transa, char transb, int64_t m, int64_t n, int64_t 
                         int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 VIT_MS_INTERNAL sgemm_fn dnnl_sgemm_fn();
 
+// How a product's output is split over the OpenMP threads: by its wider side where the weight outgrows L2
+// (columns at batch 1, see split_columns in dense.cc), or always by rows.
+enum class Split { kWiderSide, kRows };
+
 // Dense layers on `rows` rows, x (rows, k), w (n, k), b (n) -> y (rows, n); 0 on success. dense.cc.
 // y = x w^T + b; with `gelu` (gelu_erf or gelu_tanh) applied to it; r + x w^T + b (r may be y itself).
 VIT_MS_INTERNAL int dense(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t k, int64_t n,
-                          void (*gelu)(const float *, float *, int64_t) = nullptr);
+                          void (*gelu)(const float *, float *, int64_t) = nullptr, Split split = Split::kWiderSide);
 VIT_MS_INTERNAL int dense_residual(const float *x, const float *w, const float *b, const float *r, float *y,
-                                   int64_t rows, int64_t k, int64_t n);
+                                   int64_t rows, int64_t k, int64_t n, Split split = Split::kWiderSide);
 
 // softmax(scale q k^T) v for each (sample, head) of qkv (batch, n, 3, heads, dim) -> out (batch, n, heads, dim);
 // 0 on success. attention.cc.

@@ -63,13 +63,14 @@ static int64_t l2_bytes() {
   return bytes;
 }
 
-// Whether an (m, n) product with a (k, n) op(B) is split over the threads by columns rather than rows:
-// where C is wider than tall and op(B) outgrows a core's L2, splitting rows would have every thread
-// stream and pack all of op(B). That is a Dense layer's weight at batch 1 (m = 197 tokens; ViT-B's
-// 768 x 2304 qkv weight is 7 MB): columns measured 5-18 % faster per layer there; for ViT-Ti's weights,
-// which fit in L2, between 17 % slower and 10 % faster, so those keep the row split.
-static bool split_columns(int64_t m, int64_t n, int64_t k) {
-  return n > m && k * n * static_cast<int64_t>(sizeof(float)) > l2_bytes();
+// Whether an (m, n) product with a (k, n) op(B) is split over the threads by columns rather than rows
+// (Split::kWiderSide): where C is wider than tall and op(B) outgrows a core's L2, splitting rows would
+// have every thread stream and pack all of op(B). That is a Dense layer's weight at batch 1 (m = 197
+// tokens; ViT-B's 768 x 2304 qkv weight is 7 MB): columns measured 5-18 % faster per layer there, alone;
+// for ViT-Ti's weights, which fit in L2, between 17 % slower and 10 % faster, so those keep the row split.
+// Inside a model the balance can tip the other way (Split::kRows, the encoder block kernel: block.cc).
+static bool split_columns(int64_t m, int64_t n, int64_t k, Split split) {
+  return split == Split::kWiderSide && n > m && k * n * static_cast<int64_t>(sizeof(float)) > l2_bytes();
 }
 
 // This thread's block of an (m, n) output: rows [r0, r0 + nr) x columns [c0, c0 + nc), possibly empty.
@@ -96,10 +97,10 @@ static OutBlock thread_block(int64_t m, int64_t n, bool by_columns) {
 template <typename Prologue, typename Epilogue>
 static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
                           int64_t a_row, const float *b, int64_t ldb, int64_t b_col, float beta, float *c,
-                          Prologue prologue, Epilogue epilogue) {
+                          Prologue prologue, Epilogue epilogue, Split split = Split::kWiderSide) {
   const sgemm_fn sgemm = dnnl_sgemm_fn();
   if (sgemm == nullptr) return 1;
-  const bool by_columns = split_columns(m, n, k);
+  const bool by_columns = split_columns(m, n, k, split);
   int status = 0;
 #pragma omp parallel
   {
@@ -126,7 +127,7 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
 // it (beta = 1) and applies `gelu` to the block while it is in cache: one parallel region, one fork/join per
 // layer (it counts at batch 1).
 int dense(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t k, int64_t n,
-          void (*gelu)(const float *, float *, int64_t)) {
+          void (*gelu)(const float *, float *, int64_t), Split split) {
   auto bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
     for (int64_t r = r0; r < r0 + nr; ++r) std::memcpy(y + r * n + c0, b + c0, nc * sizeof(float));
   };
@@ -134,19 +135,19 @@ int dense(const float *x, const float *w, const float *b, float *y, int64_t rows
     if (gelu != nullptr)
       for (int64_t r = r0; r < r0 + nr; ++r) gelu(y + r * n + c0, y + r * n + c0, nc);
   };
-  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, bias, activation);
+  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, bias, activation, split);
 }
 
 // y = r + x w^T + b: each thread writes r + b into its block of y and adds x w^T onto it. r may be y (each
 // element reads its own r before it is written).
 int dense_residual(const float *x, const float *w, const float *b, const float *r, float *y, int64_t rows, int64_t k,
-                   int64_t n) {
+                   int64_t n, Split split) {
   auto residual_and_bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
     for (int64_t i = r0; i < r0 + nr; ++i)
       for (int64_t j = c0; j < c0 + nc; ++j) y[i * n + j] = r[i * n + j] + b[j];
   };
   const auto nothing = [](int64_t, int64_t, int64_t, int64_t) {};
-  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, residual_and_bias, nothing);
+  return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, residual_and_bias, nothing, split);
 }
 
 // The Linear kernels' arguments, (x (..., K), w (N, K), b (N)[, r (..., N)]) -> y (..., N); false if malformed.
