@@ -37,12 +37,13 @@ static int encoder_block(void **params, int64_t batch, int64_t n, int64_t d, int
   const float eps = settings[1], scale = settings[2];
   float *ln = work, *wide = work + rows * d;  // wide: qkv (3 D) and attention (D), then fc1's output (H)
   float *qkv = wide, *att = wide + rows * 3 * d;
-  // Every product split by rows, even where a weight outgrows L2 and a Linear op alone splits columns: here
-  // each thread's rows of a product's input were just written by that thread (the LayerNorms and the
-  // residual projections split rows too), where a column split has every thread read all of them, half from
-  // the other core. Measured in the model, steps alternating in one process (AMD EPYC, AVX2, 2 threads):
-  // ViT-S/16 batch 1 1.01-1.06x (9 processes of 200 steps), ViT-B/16 batch 1 0.98-1.02x (4), batch 4
-  // 1.03x, ViT-L/16 batch 1 1.09x, ViT-S/16 batch 4 1.00x (1 each).
+  // Every product split by rows, even where a weight outgrows L2 and a Linear op alone splits columns: the
+  // inputs of qkv, fc1 and fc2 were just written by the same threads split by rows (the LayerNorms, and fc1
+  // itself), so each thread reads the rows it wrote, where a column split has every thread read all of
+  // them, half from the other core's cache. Measured in the model, the two splits flipped at every step
+  // of one process (AMD EPYC, AVX2, 2 threads): ViT-S/16 batch 1 1.01-1.06x (9 processes of 200 steps),
+  // batch 2 1.02-1.03x and batch 4 0.96-1.00x (2 each), ViT-B/16 batch 1 0.98-1.02x (4), batch 4 1.03x
+  // and ViT-L/16 batch 1 1.09x (1 each).
   const Split split = Split::kRows;
   layer_norm(x, ln1_g, ln1_b, ln, rows, d, eps);
   int status = dense(ln, qkv_w, qkv_b, qkv, rows, d, 3 * d, nullptr, split);
