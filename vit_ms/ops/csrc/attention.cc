@@ -132,7 +132,8 @@ extern "C" std::vector<int64_t> AttentionInferShape(int *ndims, int64_t **shapes
   const int64_t *s = shapes[0];
   return std::vector<int64_t>{s[0], s[1], s[3], s[4]};
 }
-int attention(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t dim, float scale, float *out) {
+int attention_in_team(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t dim, float scale,
+                      float *out) {
   const Heads h{batch, n, heads, dim};
   const sgemm_fn sgemm = dnnl_sgemm_fn();
   if (sgemm == nullptr) return 1;
@@ -140,8 +141,7 @@ int attention(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t
   // Blocks of at most 64 query rows, equal in size (197 tokens: 4 blocks of 50, not 64, 64, 64, 5).
   const int64_t blocks = (h.n + 63) / 64, block = (h.n + blocks - 1) / blocks;
   const int64_t items = h.count() * blocks, out_row = h.heads * h.dim;
-  int status = 0;
-#pragma omp parallel
+  int status = 0;  // this thread's
   {
     std::vector<float> scores(block * h.n), probs(block * h.n);
 #pragma omp for schedule(static)
@@ -159,6 +159,13 @@ int attention(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t
         status = 1;
     }
   }
+  return status;
+}
+
+int attention(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t dim, float scale, float *out) {
+  int status = 0;
+#pragma omp parallel reduction(| : status)
+  status |= attention_in_team(qkv, batch, n, heads, dim, scale, out);
   return status;
 }
 

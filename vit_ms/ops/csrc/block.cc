@@ -13,9 +13,9 @@
 #include <mutex>
 #include <new>
 
-// The block's intermediates, rows x (D + max(4 D, H)) floats (H: the MLP's width, 4 D in every ViT preset):
-// the LN output (D; LN1's, then LN2's) and a region that holds qkv (3 D) and the attention output (D), then
-// the MLP's hidden activations (H). Kept between calls (the next block of the step needs the same size;
+// The block's intermediates, rows x (D + max(3 D, H)) floats (H: the MLP's width, 4 D in every ViT preset):
+// a region of D per row that holds LN1's output, then attention's, then LN2's, and one that holds qkv (3 D),
+// then the MLP's hidden activations (H). Kept between calls (the next block of the step needs the same size;
 // ViT-B/16 at batch 16: 48 MB, about what the separate ops' tensors took in MindSpore's memory pool) and
 // grown when a larger input comes. A second concurrent caller (two graphs run from two threads) gets a
 // buffer of its own.
@@ -35,8 +35,8 @@ static int encoder_block(void **params, int64_t batch, int64_t n, int64_t d, int
   float *y = static_cast<float *>(params[14]);
   const int64_t heads = static_cast<int64_t>(settings[0]), rows = batch * n;
   const float eps = settings[1], scale = settings[2];
-  float *ln = work, *wide = work + rows * d;  // wide: qkv (3 D) and attention (D), then fc1's output (H)
-  float *qkv = wide, *att = wide + rows * 3 * d;
+  float *ln = work, *wide = work + rows * d;  // ln: LN1, attention, LN2 (D); wide: qkv (3 D), fc1's output (H)
+  float *qkv = wide, *att = ln;
   // Every product split by rows, even where a weight outgrows L2 and a Linear op alone splits columns: the
   // inputs of qkv, fc1 and fc2 were just written by the same threads split by rows (the LayerNorms, and fc1
   // itself), so each thread reads the rows it wrote, where a column split has every thread read all of
@@ -44,14 +44,25 @@ static int encoder_block(void **params, int64_t batch, int64_t n, int64_t d, int
   // of one process (AMD EPYC, AVX2, 2 threads): ViT-S/16 batch 1 1.01-1.06x (9 processes of 200 steps),
   // batch 2 1.02-1.03x and batch 4 0.96-1.00x (2 each), ViT-B/16 batch 1 0.98-1.02x (4), batch 4 1.03x
   // and ViT-L/16 batch 1 1.09x (1 each).
-  const Split split = Split::kRows;
-  layer_norm(x, ln1_g, ln1_b, ln, rows, d, eps);
-  int status = dense(ln, qkv_w, qkv_b, qkv, rows, d, 3 * d, nullptr, split);
-  status |= attention(qkv, batch, n, heads, d / heads, scale, att);
-  status |= dense_residual(att, proj_w, proj_b, x, y, rows, d, d, split);  // y = z'
-  layer_norm(y, ln2_g, ln2_b, ln, rows, d, eps);
-  status |= dense(ln, fc1_w, fc1_b, wide, rows, d, hidden, gelu, split);
-  return status | dense_residual(wide, fc2_w, fc2_b, y, y, rows, hidden, d, split);
+  // And so one parallel region runs the whole block, each thread on its own rows from LN1 to fc2 but for
+  // attention (split by heads; its `omp for` ends when every head is done): the barrier after qkv (attention
+  // reads every row's k and v) is the only other wait. att shares LN1's rows (dead once qkv is done) and
+  // each thread's LN2 overwrites only the attention rows its own projection has read; fc1 overwrites qkv
+  // only after attention. The same per-row work as the block's separate kernels, so the same numbers.
+  const Split split = Split::kRowsInTeam;
+  int status = 0;
+#pragma omp parallel reduction(| : status)
+  {
+    layer_norm_in_team(x, ln1_g, ln1_b, ln, rows, d, eps);
+    status |= dense(ln, qkv_w, qkv_b, qkv, rows, d, 3 * d, nullptr, split);
+#pragma omp barrier
+    status |= attention_in_team(qkv, batch, n, heads, d / heads, scale, att);
+    status |= dense_residual(att, proj_w, proj_b, x, y, rows, d, d, split);  // y = z'
+    layer_norm_in_team(y, ln2_g, ln2_b, ln, rows, d, eps);
+    status |= dense(ln, fc1_w, fc1_b, wide, rows, d, hidden, gelu, split);
+    status |= dense_residual(wide, fc2_w, fc2_b, y, y, rows, hidden, d, split);
+  }
+  return status;
 }
 
 // (z (B, N, D), ln1 gamma, beta, qkv w, b, proj w, b, ln2 gamma, beta, fc1 w, b, fc2 w, b, settings (3,)) -> (B, N, D)
@@ -61,7 +72,7 @@ static int encoder_block_kernel(int nparam, void **params, int *ndims, int64_t *
   const int64_t batch = shapes[0][0], n = shapes[0][1], d = shapes[0][2], hidden = shapes[9][0];
   const int64_t heads = static_cast<int64_t>(static_cast<const float *>(params[13])[0]);
   if (heads < 1 || d % heads != 0 || shapes[3][0] != 3 * d || shapes[11][1] != hidden) return 1;
-  const size_t size = static_cast<size_t>(batch * n * (d + (hidden > 4 * d ? hidden : 4 * d)));
+  const size_t size = static_cast<size_t>(batch * n * (d + (hidden > 3 * d ? hidden : 3 * d)));
   std::unique_lock<std::mutex> lock(scratch_mutex, std::try_to_lock);
   std::vector<float> own;
   std::vector<float> &work = lock.owns_lock() ? scratch : own;

@@ -71,15 +71,18 @@ static inline int64_t last_dim(int ndim, const int64_t *shape) { return ndim > 0
     return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);                               \
   }
 
-// Rows split into one contiguous block per OpenMP thread.
-#define PARALLEL_ROWS(rows, body)                                             \
-  _Pragma("omp parallel") {                                                   \
+// This thread's contiguous block [r0, r0 + nr) of `rows`, inside a parallel region (TEAM_ROWS), or in one
+// of its own (PARALLEL_ROWS). Every row split in this library is this one, so a thread that wrote rows in
+// one step of a kernel reads the same rows in the next.
+#define TEAM_ROWS(rows, body)                                                 \
+  {                                                                           \
     const int64_t threads = omp_get_num_threads();                            \
     const int64_t chunk = ((rows) + threads - 1) / threads;                   \
     const int64_t r0 = omp_get_thread_num() * chunk;                          \
     const int64_t nr = r0 >= (rows) ? 0 : ((rows) - r0 < chunk ? (rows) - r0 : chunk); \
     body;                                                                     \
   }
+#define PARALLEL_ROWS(rows, body) _Pragma("omp parallel") TEAM_ROWS(rows, body)
 
 // Column sums over rows, per thread then in thread order (deterministic for a fixed thread count):
 // acc[0:d] = sum_r dy * xhat (d gamma), acc[d:2d] = sum_r dy (d beta); with x null only the bias part.
@@ -96,8 +99,11 @@ VIT_MS_INTERNAL void softmax_rows(const float *__restrict x, float *__restrict y
 VIT_MS_INTERNAL void softmax_grad_rows(const float *__restrict y, const float *dy, float *dx, int64_t rows, int64_t d);
 
 // LayerNorm of each of `rows` rows of length d over the OpenMP threads; y may not be x. layernorm.cc.
+// The _in_team form is this thread's rows only (TEAM_ROWS), called inside a parallel region.
 VIT_MS_INTERNAL void layer_norm(const float *x, const float *g, const float *b, float *y, int64_t rows, int64_t d,
                                 float eps);
+VIT_MS_INTERNAL void layer_norm_in_team(const float *x, const float *g, const float *b, float *y, int64_t rows,
+                                        int64_t d, float eps);
 
 // GELU of n floats, exact (erf) and tanh forms; y may be x. Defined in gelu.cc, used by the Dense kernel
 // that applies GELU to its own output too.
@@ -111,8 +117,9 @@ typedef int (*sgemm_fn)(char transa, char transb, int64_t m, int64_t n, int64_t 
 VIT_MS_INTERNAL sgemm_fn dnnl_sgemm_fn();
 
 // How a product's output is split over the OpenMP threads: by its wider side where the weight outgrows L2
-// (columns at batch 1, see split_columns in dense.cc), or always by rows.
-enum class Split { kWiderSide, kRows };
+// (columns at batch 1, see split_columns in dense.cc), or always by rows; kRowsInTeam: by rows, this
+// thread's share only, called inside a parallel region (the encoder block kernel's).
+enum class Split { kWiderSide, kRows, kRowsInTeam };
 
 // Dense layers on `rows` rows, x (rows, k), w (n, k), b (n) -> y (rows, n); 0 on success. dense.cc.
 // y = x w^T + b; with `gelu` (gelu_erf or gelu_tanh) applied to it; r + x w^T + b (r may be y itself).
@@ -122,7 +129,10 @@ VIT_MS_INTERNAL int dense_residual(const float *x, const float *w, const float *
                                    int64_t rows, int64_t k, int64_t n, Split split = Split::kWiderSide);
 
 // softmax(scale q k^T) v for each (sample, head) of qkv (batch, n, 3, heads, dim) -> out (batch, n, heads, dim);
-// 0 on success. attention.cc.
+// 0 on success. attention.cc. The _in_team form runs inside a parallel region, its work items shared among
+// the team (an `omp for`, so every thread returns after all of out is written).
 VIT_MS_INTERNAL int attention(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t dim, float scale,
                               float *out);
+VIT_MS_INTERNAL int attention_in_team(const float *qkv, int64_t batch, int64_t n, int64_t heads, int64_t dim,
+                                      float scale, float *out);
 #endif

@@ -101,19 +101,21 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
   const sgemm_fn sgemm = dnnl_sgemm_fn();
   if (sgemm == nullptr) return 1;
   const bool by_columns = split_columns(m, n, k, split);
-  int status = 0;
-#pragma omp parallel
-  {
+  // This thread's block: its status (0 or 1).
+  auto block = [&]() {
     const OutBlock o = thread_block(m, n, by_columns);
-    if (o.nr > 0 && o.nc > 0) {
-      prologue(o.r0, o.nr, o.c0, o.nc);
-      if (sgemm(ta, tb, o.nr, o.nc, k, 1.0f, a + o.r0 * a_row, lda, b + o.c0 * b_col, ldb, beta,
-                c + o.r0 * n + o.c0, n) != 0)
-        status = 1;
-      else
-        epilogue(o.r0, o.nr, o.c0, o.nc);
-    }
-  }
+    if (o.nr <= 0 || o.nc <= 0) return 0;
+    prologue(o.r0, o.nr, o.c0, o.nc);
+    if (sgemm(ta, tb, o.nr, o.nc, k, 1.0f, a + o.r0 * a_row, lda, b + o.c0 * b_col, ldb, beta,
+              c + o.r0 * n + o.c0, n) != 0)
+      return 1;
+    epilogue(o.r0, o.nr, o.c0, o.nc);
+    return 0;
+  };
+  if (split == Split::kRowsInTeam) return block();  // the caller's parallel region
+  int status = 0;
+#pragma omp parallel reduction(| : status)
+  status |= block();
   return status;
 }
 

@@ -60,8 +60,14 @@ static void param_grad_rows(const float *__restrict x, const float *__restrict d
   }
 }
 
+void layer_norm_in_team(const float *x, const float *g, const float *b, float *y, int64_t rows, int64_t d,
+                        float eps) {
+  TEAM_ROWS(rows, if (nr > 0) layer_norm_rows(x + r0 * d, g, b, y + r0 * d, nr, d, eps))
+}
+
 void layer_norm(const float *x, const float *g, const float *b, float *y, int64_t rows, int64_t d, float eps) {
-  PARALLEL_ROWS(rows, if (nr > 0) layer_norm_rows(x + r0 * d, g, b, y + r0 * d, nr, d, eps))
+#pragma omp parallel
+  layer_norm_in_team(x, g, b, y, rows, d, eps);
 }
 
 SAME_SHAPE_INFER(LayerNorm)
