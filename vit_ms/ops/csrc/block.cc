@@ -1,9 +1,10 @@
 // A whole pre-norm encoder block for eval in one kernel (Eq. 2 and 3 with drop-path the identity):
 //     z' = z + proj(Attention(qkv(LN1(z))))      z_out = z' + fc2(GELU(fc1(LN2(z'))))
 // the same kernels, in the same order, as the block's separate ops (LayerNorm, Linear, Attention,
-// LinearResidual, LayerNorm, LinearGelu, LinearResidual), so the same float32 results (each product here is
-// split by rows, see encoder_block; where a Linear op alone splits a large weight by columns instead, the
-// logits measured bit-identical both ways, ViT-S/16 and ViT-B/16 at batch 1, AVX2). One graph op per
+// LinearResidual, LayerNorm, LinearGelu, LinearResidual), so the same float32 results wherever those split
+// their products by rows too (weights inside L2, or batch 16). Where a Linear op alone splits a large
+// weight by columns, oneDNN's sgemm sums in another order: ViT-S/16 and ViT-B/16 logits at batch 1 differ
+// by up to 2.3e-6 and 4.5e-6 (of ~4) between the two, float32 rounding. One graph op per
 // block instead of nine (those seven and two reshapes): a dynamic-batch graph (eval.py's, infer.py's)
 // infers every op's shapes again at each call, which cost ViT-Ti/16 ~3.5 ms of a ~25 ms batch-1 step; and
 // the intermediates live in one buffer that is reused from block to block instead of MindSpore's tensors.
