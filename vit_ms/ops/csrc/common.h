@@ -117,9 +117,9 @@ typedef int (*sgemm_fn)(char transa, char transb, int64_t m, int64_t n, int64_t 
 VIT_MS_INTERNAL sgemm_fn dnnl_sgemm_fn();
 
 // How a product's output is split over the OpenMP threads: by its wider side where the weight outgrows L2
-// (columns at batch 1, see split_columns in dense.cc), or always by rows; kRowsInTeam: by rows, this
-// thread's share only, called inside a parallel region (the encoder block kernel's).
-enum class Split { kWiderSide, kRows, kRowsInTeam };
+// (columns at batch 1, see split_columns in dense.cc), in a parallel region of its own; or by rows, this
+// thread's share only, called inside the caller's parallel region (kRowsInTeam: the encoder block kernel).
+enum class Split { kWiderSide, kRowsInTeam };
 
 // Dense layers on `rows` rows, x (rows, k), w (n, k), b (n) -> y (rows, n); 0 on success. dense.cc.
 // y = x w^T + b; with `gelu` (gelu_erf or gelu_tanh) applied to it; r + x w^T + b (r may be y itself).

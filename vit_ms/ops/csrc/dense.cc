@@ -68,7 +68,7 @@ static int64_t l2_bytes() {
 // have every thread stream and pack all of op(B). That is a Dense layer's weight at batch 1 (m = 197
 // tokens; ViT-B's 768 x 2304 qkv weight is 7 MB): columns measured 5-18 % faster per layer there, alone;
 // for ViT-Ti's weights, which fit in L2, between 17 % slower and 10 % faster, so those keep the row split.
-// Inside a model the balance can tip the other way (Split::kRows, the encoder block kernel: block.cc).
+// Inside a model the balance can tip the other way (Split::kRowsInTeam, the encoder block kernel: block.cc).
 static bool split_columns(int64_t m, int64_t n, int64_t k, Split split) {
   return split == Split::kWiderSide && n > m && k * n * static_cast<int64_t>(sizeof(float)) > l2_bytes();
 }
@@ -79,14 +79,13 @@ struct OutBlock {
   int64_t r0, nr, c0, nc;
 };
 static OutBlock thread_block(int64_t m, int64_t n, bool by_columns) {
-  const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
   if (by_columns) {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t chunk = ((n + threads - 1) / threads + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
     const int64_t c0 = t * chunk;
     return {0, m, c0, c0 >= n ? 0 : (n - c0 < chunk ? n - c0 : chunk)};
   }
-  const int64_t chunk = (m + threads - 1) / threads, r0 = t * chunk;
-  return {r0, r0 >= m ? 0 : (m - r0 < chunk ? m - r0 : chunk), 0, n};
+  TEAM_ROWS(m, return (OutBlock{r0, nr, 0, n}))  // the rows LayerNorm gives this thread too (block.cc relies on it)
 }
 
 // Row-major C[m, n] = op(A) op(B) + beta C over the OpenMP threads, one block each (`thread_block`).
