@@ -12,11 +12,19 @@ is the median over the rounds of the mean time per call (microseconds); "A vs B"
     python benchmarks/bench_kernels.py --copies 12         # 12 layers' inputs and weights in turn: colder caches
     python benchmarks/bench_kernels.py --preset vit_s_16 --copies 12 --kernels EncoderBlockErf   # x 12: the encoder
     python benchmarks/bench_kernels.py --isas avx512 --library before=/tmp/old/vit_ms_kernels_avx512_....so
+    python benchmarks/bench_kernels.py --preset vit_b_16 --copies 12 --kernels 'Linear qkv,Linear fc2' --onnxruntime
+
+With --onnxruntime the Dense rows (`Linear ...`) get one more column: the same x w^T + b as onnxruntime runs it
+(one session holding a MatMul + Add per input set, weights as initializers, so MLAS packs them once, as it does
+for a model's constant weights), alternating with the kernels in this process (onnxruntime's threads told not
+to spin after each run, which would take a core from the next kernel; `onnx` and `onnxruntime` are
+benchmark-time needs only).
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
 import time
 from pathlib import Path
@@ -104,6 +112,57 @@ class Library:
         return call
 
 
+def _omp_threads() -> int:
+    """The thread count the kernels' OpenMP regions use (OMP_NUM_THREADS, else the CPUs this process may run on)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
+
+
+class OnnxDense:
+    """x w^T + b for every input set in turn, as onnxruntime runs a model's Dense layer (MatMul + Add on a
+    constant weight, which its MLAS packs once at load): one session holding one MatMul + Add per input set,
+    so one thread pool, run one node at a time."""
+
+    label = "onnxruntime"
+
+    def __init__(self, threads: int):
+        import onnx  # noqa: F401  (both fail here, early, with the missing package's name)
+        import onnxruntime
+
+        self.threads, self.version = threads, onnxruntime.__version__
+
+    def prepare_all(self, name: str, copies: list):
+        """One callable running every input set's Dense layer once, or None for a row that is not a Dense one."""
+        if not name.startswith("Linear ") or len(copies[0]) != 3:
+            return None
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        # onnxruntime's threads: as many as the OpenMP team's, told not to spin after a run (a spinning thread
+        # took a core from the next kernel: vit_ms's Dense kernels measured 0.71-0.81x of their time with it)
+        nodes, weights, feeds, ins, outs = [], [], {}, [], []
+        for i, (x, w, b) in enumerate(copies):
+            nodes += [helper.make_node("MatMul", [f"x{i}", f"wt{i}"], [f"t{i}"]),
+                      helper.make_node("Add", [f"t{i}", f"b{i}"], [f"y{i}"])]
+            weights += [numpy_helper.from_array(np.ascontiguousarray(w.T), f"wt{i}"), numpy_helper.from_array(b, f"b{i}")]
+            ins.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, list(x.shape)))
+            outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [x.shape[0], w.shape[0]]))
+            feeds[f"x{i}"] = x
+        model = helper.make_model(helper.make_graph(nodes, "dense", ins, outs, weights),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # a sanity check that the session computes this product (float32 sums in its own order)
+        expected = copies[0][0] @ copies[0][1].T + copies[0][2]
+        got = session.run(["y0"], feeds)[0]
+        if not np.allclose(got, expected, rtol=1e-4, atol=1e-3):
+            raise RuntimeError(f"onnxruntime's {name} disagrees with x w^T + b")
+        return lambda: session.run(None, feeds)
+
+
 def time_call(calls, iters: int) -> float:
     """Mean microseconds per call over `iters` passes through `calls` (one kernel on each set of inputs)."""
     start = time.perf_counter()
@@ -128,6 +187,8 @@ def main(argv=None):
     p.add_argument("--copies", type=int, default=1,
                    help="distinct input and weight sets, called in turn (default 1: the same, cache-resident "
                         "data every call; a model's depth, e.g. 12, is closer to what a step sees)")
+    p.add_argument("--onnxruntime", action="store_true",
+                   help="add onnxruntime's MatMul + Add (weights packed once) beside the Dense rows, in this process")
     args = p.parse_args(argv)
 
     from vit_ms import ops as kernels
@@ -140,10 +201,17 @@ def main(argv=None):
             p.error(f"--library {value}: no such file {path}")
         libraries[label or Path(path).stem] = Library(path)
     config = get_config(args.preset)
-    labels = list(libraries)
+    onnx_dense = None
+    if args.onnxruntime:
+        try:
+            onnx_dense = OnnxDense(threads=_omp_threads())
+        except ImportError as err:
+            p.error(f"--onnxruntime needs the onnx and onnxruntime packages (pip install onnx onnxruntime): {err}")
+    labels = list(libraries) + ([OnnxDense.label] if onnx_dense else [])
     print(f"{args.preset}, batch {args.batch}, {args.copies} input set(s) in turn: microseconds per call, "
           f"median of {args.rounds} rounds "
-          f"({', '.join(f'{k}: {Path(v.path).name}' for k, v in libraries.items())})\n")
+          f"({', '.join(f'{k}: {Path(v.path).name}' for k, v in libraries.items())}"
+          f"{f', onnxruntime {onnx_dense.version}, {onnx_dense.threads} threads' if onnx_dense else ''})\n")
     columns = ["kernel", *labels, *(f"{labels[0]} vs {k}" for k in labels[1:])]
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
@@ -159,6 +227,11 @@ def main(argv=None):
         calls = {label: [lib.prepare(name, copy[index][1], outputs) for copy in cases]
                  for label, lib in libraries.items()}
         calls = {label: label_calls for label, label_calls in calls.items() if None not in label_calls}
+        if onnx_dense is not None:
+            run_all = onnx_dense.prepare_all(name, [copy[index][1] for copy in cases])
+            if run_all is not None:
+                # one session.run covers every input set: counted as that many calls
+                calls[OnnxDense.label] = [run_all] + [lambda: None] * (len(cases) - 1)
         iters = {}
         for label, label_calls in calls.items():
             time_call(label_calls, 1)  # first touch of the outputs, the library's one-time setup
