@@ -65,6 +65,7 @@ def main(argv=None) -> int:
 
     from vit_ms.evaluate import (check_output_dir, find_images, load_classifier, remove_earlier_pictures,
                                  run_inference, write_predictions)
+    from vit_ms.packing import SMALL_BATCH
 
     if args.output_dir:
         refusal = check_output_dir(args.output_dir, args.overwrite, "infer.py")
@@ -75,14 +76,19 @@ def main(argv=None) -> int:
     # Graph mode: 1.5-5.6x PyNative's images/s on CPU (README, "Performance on CPU"), and load_classifier keeps the
     # compiled graph for the next run (vit_ms.graph_cache), so a repeated command barely compiles.
     ms.set_context(mode=ms.GRAPH_MODE)
+    # The inputs are listed now, reported after the model has loaded (a broken model is the news): packing the
+    # weights for inference (vit_ms.packing) pays where every batch is small, not at 16; attention maps need
+    # the plain weights.
+    paths, missing = find_images(args.input)
+    pack = not args.attention and min(args.batch_size, len(paths)) <= SMALL_BATCH
     try:
         classifier = load_classifier(args.checkpoint, mindir=args.mindir, model=args.model,
                                      pretrained=args.pretrained, num_classes=args.num_classes,
-                                     cache_graphs=True)  # this process compiles only the classifier's graphs
+                                     cache_graphs=True,  # this process compiles only the classifier's graphs
+                                     pack_weights=pack)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         logging.error("%s", error)
         return 1
-    paths, missing = find_images(args.input)
     for item, reason in missing:
         logging.warning("%s: %s", item, reason)
     if not paths:

@@ -13,6 +13,7 @@ is the median over the rounds of the mean time per call (microseconds); "A vs B"
     python benchmarks/bench_kernels.py --preset vit_s_16 --copies 12 --kernels EncoderBlockErf   # x 12: the encoder
     python benchmarks/bench_kernels.py --isas avx512 --library before=/tmp/old/vit_ms_kernels_avx512_....so
     python benchmarks/bench_kernels.py --preset vit_b_16 --copies 12 --kernels 'Linear qkv,Linear fc2' --onnxruntime
+    python benchmarks/bench_kernels.py --preset vit_b_16 --copies 12 --kernels 'EncoderBlockErf,EncoderBlockErf packed'
 
 With --onnxruntime the Dense rows (`Linear ...`) get one more column: the same x w^T + b as onnxruntime runs it
 (one session holding a MatMul + Add per input set, weights as initializers, so MLAS packs them once, as it does
@@ -36,6 +37,8 @@ from vit_ms import get_config  # first: the OpenMP spin default must precede lib
 
 def kernel_cases(config, batch: int, seed: int = 0) -> list:
     """(kernel name, [input arrays], [output shapes]) at `config`'s shapes for `batch` images."""
+    from vit_ms.packing import pack_dense_weight as pack
+
     rng = np.random.default_rng(seed)
     n, d, heads, hd, mlp = config.num_patches + 1, config.embed_dim, config.num_heads, config.head_dim, config.mlp_dim
 
@@ -74,6 +77,12 @@ def kernel_cases(config, batch: int, seed: int = 0) -> list:
         # its time x depth is the encoder's share of an inference step with no graph around it.
         ("EncoderBlockErf", [tokens, gamma, beta, w_qkv, arr(3 * d), w_proj, arr(d), gamma, beta, w_fc1, arr(mlp),
                              w_fc2, arr(d), np.array([heads, 1e-6, hd ** -0.5], np.float32)], [tokens.shape]),
+        # The same on weights packed for inference (vit_ms.packing; infer.py's small batches).
+        ("LinearPacked qkv", [rows, pack(w_qkv), arr(3 * d)], [(batch * n, 3 * d)]),
+        ("LinearPacked fc2", [hidden_rows, pack(w_fc2), arr(d)], [(batch * n, d)]),
+        ("EncoderBlockErf packed", [tokens, gamma, beta, pack(w_qkv), arr(3 * d), pack(w_proj), arr(d), gamma, beta,
+                                    pack(w_fc1), arr(mlp), pack(w_fc2), arr(d),
+                                    np.array([heads, 1e-6, hd ** -0.5, 1], np.float32)], [tokens.shape]),
     ]
 
 

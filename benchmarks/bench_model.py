@@ -4,7 +4,8 @@ Inference and one training step (cross-entropy + AdamW) for each preset and batc
 
 - `mindspore`: graph mode, compiled for the batch size it is given (as training with `drop_remainder`);
   `mindspore-dynamic` declares a dynamic batch dimension (`vit_ms.set_dynamic_batch`: one graph for
-  every batch size, what eval.py and infer.py run); `mindspore-pynative` is the same network in
+  every batch size, what eval.py runs); `mindspore-packed` (inference only) is that with its weights
+  packed for inference (`vit_ms.packing`, what infer.py runs); `mindspore-pynative` is the same network in
   PyNative mode (no graph compile); `mindspore-plain` is `fast=False` (MindSpore's built-in ops);
   `mindspore-longspin` is `mindspore` with libgomp's own spin (GOMP_SPINCOUNT=300000, no OMP_WAIT_POLICY)
   instead of vit_ms's defaults (`vit_ms.threads`), for an A/B of those defaults in one run.
@@ -47,8 +48,9 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("bench_model")
-FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-pynative", "mindspore-plain", "mindspore-longspin", "torch",
-              "onnxruntime")
+FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-packed", "mindspore-pynative", "mindspore-plain",
+              "mindspore-longspin", "torch", "onnxruntime")
+INFER_ONLY = ("onnxruntime", "mindspore-packed")  # the export has no training graph; packed weights no gradients
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -157,7 +159,7 @@ def _onnx_step(model_path: str):
     return step, (lambda a: a), (lambda out: out), None
 
 
-def _mindspore_step(config, task, fast, dynamic, memory, compile_cache, pynative=False):
+def _mindspore_step(config, task, fast, dynamic, memory, compile_cache, pynative=False, packed=False):
     import mindspore as ms
     from mindspore import nn
     from vit_ms import create_model, set_dynamic_batch
@@ -173,6 +175,10 @@ def _mindspore_step(config, task, fast, dynamic, memory, compile_cache, pynative
     net = create_model(config, fast=fast)
     if task == "infer":
         net.set_train(False)
+        if packed:
+            from vit_ms.packing import pack_for_inference
+
+            pack_for_inference(net)
         run = set_dynamic_batch(net, config) if dynamic else net
     else:
         # What train.py steps with: AdamW's update on the fused kernel wherever the model is fused.
@@ -210,8 +216,9 @@ def worker(args) -> dict:
         if args.compile_cache:
             cache = str(Path(args.compile_cache) / f"{args.framework}_{args.preset}_b{args.batch}_{args.task}")
         step, to_tensor, to_numpy, compile_step = _mindspore_step(
-            config, args.task, args.framework != "mindspore-plain", args.framework == "mindspore-dynamic",
-            args.memory_optimize, cache, pynative=args.framework == "mindspore-pynative")
+            config, args.task, args.framework != "mindspore-plain",
+            args.framework in ("mindspore-dynamic", "mindspore-packed"), args.memory_optimize, cache,
+            pynative=args.framework == "mindspore-pynative", packed=args.framework == "mindspore-packed")
     rng = np.random.default_rng(0)
 
     def batch(size):
@@ -368,8 +375,7 @@ def run(args) -> dict:
         config = get_config(preset, image_size=args.image_size)
         for batch in args.batches:
             for task in args.tasks:
-                # onnxruntime runs inference only (the export has no training graph).
-                frameworks = [fw for fw in args.frameworks if task == "infer" or fw != "onnxruntime"]
+                frameworks = [fw for fw in args.frameworks if task == "infer" or fw not in INFER_ONLY]
                 samples = {fw: [] for fw in frameworks}
                 for rep in range(args.repeats):
                     # Alternate which framework goes first, so neither always gets the quieter slot.
@@ -419,7 +425,7 @@ def format_table(report: dict) -> str:
         ref = torch_rows.get((r["preset"], r["image_size"], r["batch"], r["task"]))
         ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
         spread = f"{100 * r['spread']:.0f}%" if len(r["samples"]) > 1 else "1 round"
-        compile_s = f"{r['compile_s']:.1f}" if r["framework"] in ("mindspore", "mindspore-dynamic",
+        compile_s = f"{r['compile_s']:.1f}" if r["framework"] in ("mindspore", "mindspore-dynamic", "mindspore-packed",
                                                                    "mindspore-plain", "mindspore-longspin") else ""
         lines.append(f"| {r['preset']} | {r['image_size']} | {r['batch']} | {r['task']} | {r['framework']} | "
                      f"{r['images_per_s']:.2f} | {spread} | {ratio} | {r['gflop_per_s']:.1f} | "
@@ -442,7 +448,8 @@ def parse_args(argv=None):
                    help="infer (forward, no grad) and/or train (forward, backward, AdamW step); default both")
     p.add_argument("--frameworks", type=csv(str), default=["mindspore", "torch"],
                    help=f"any of {', '.join(FRAMEWORKS)}: mindspore compiles per batch size, "
-                        "mindspore-dynamic once for all (set_dynamic_batch), mindspore-pynative without a "
+                        "mindspore-dynamic once for all (set_dynamic_batch), mindspore-packed that with its "
+                        "weights packed for inference (infer.py's), mindspore-pynative without a "
                         "graph, mindspore-plain is fast=False, mindspore-longspin runs with libgomp's own "
                         "spin count, onnxruntime runs the PyTorch model's ONNX export "
                         "(inference only) (default: mindspore,torch)")

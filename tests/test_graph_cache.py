@@ -122,7 +122,7 @@ from vit_ms.evaluate import load_classifier, run_batch
 ckpt, mode, cache = sys.argv[1], sys.argv[2], sys.argv[3] == "cache"
 ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-classifier = load_classifier(ckpt, cache_graphs=cache)
+classifier = load_classifier(ckpt, cache_graphs=cache, pack_weights="pack" in sys.argv[4:])
 x = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
 print(json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH"),
                   "logits": run_batch(classifier, x).tolist()}))
@@ -131,8 +131,9 @@ print(json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH"),
 
 def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
     """eval.py and infer.py get the cache through `load_classifier(cache_graphs=True)`: in graph mode, keyed
-    by the model and the script's option names (which change the graphs compiled); not in PyNative, and
-    not unless asked (the cache is process-wide)."""
+    by the model, the script's option names (which change the graphs compiled) and whether the weights are
+    packed (infer.py's small batches: the same graph but for a kernel setting); not in PyNative, and not
+    unless asked (the cache is process-wide)."""
     from vit_ms import create_model
     from vit_ms.checkpoint import make_metadata, save_checkpoint
 
@@ -161,4 +162,8 @@ def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
     assert warm == cold  # same folder, the same logits from the cached graph
     other = run("graph", "cache", "--attention")
     assert other["folder"] != cold["folder"]
+    packed = run("graph", "cache", "pack")  # no option name differs: the key's "packed" must
+    assert packed["folder"] not in (cold["folder"], other["folder"])
+    # The cached graph gives what the fresh compile gave (whose logits test_packing.py bounds).
+    assert run("graph", "cache", "pack") == packed
     assert run("pynative", "cache")["folder"] is None

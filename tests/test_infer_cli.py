@@ -127,6 +127,7 @@ def test_a_used_output_dir_is_refused_unless_overwrite(workdir, from_checkpoint)
     # --overwrite --no-annotate: the earlier run's pictures go, only the new predictions stay.
     run = run_cli("infer.py", *args, "--overwrite", "--no-annotate", "--json", cwd=workdir)
     assert run.returncode == 0, run.stderr
+    assert "weights packed" not in run.stderr  # 9 files, batches of up to 16: the plain weights
     assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "predictions.json"]
     result = json.loads(run.stdout)
     assert all("annotated" not in p for p in result["predictions"]) and len(result["predictions"]) == len(GOOD)
@@ -186,6 +187,24 @@ def test_mindir_and_checkpoint_agree_on_every_image(workdir, from_checkpoint):
                                    [t["probability"] for t in expected], rtol=0, atol=1e-5)
     assert from_mindir["skipped"] == [{"path": str(workdir / "missing.png"),
                                        "reason": "no such file, folder or matching pattern"}] + from_checkpoint["skipped"]
+
+
+def test_small_batches_pack_the_weights_and_predict_the_same(workdir, from_checkpoint):
+    """With batches of at most 4 images and no --attention, infer.py packs the weights for inference
+    (vit_ms.packing); the fixture's run (--attention, batches of 16) keeps them plain: the same classes,
+    probabilities within float32 rounding (the packed logits' own bound is checked in test_packing.py; 1e-5
+    as for the MINDIR below)."""
+    run = run_cli("infer.py", "--checkpoint", workdir / "tiny.ckpt", "--input", workdir / "my images",
+                  "--top_k", 3, "--json", "--batch_size", 2, cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    assert "weights packed for inference (2 blocks)" in run.stderr
+    packed = {p["path"]: p["top_k"] for p in json.loads(run.stdout)["predictions"]}
+    assert sorted(packed) == sorted(p["path"] for p in from_checkpoint["predictions"])
+    for record in from_checkpoint["predictions"]:
+        got = packed[record["path"]]
+        assert [t["index"] for t in got] == [t["index"] for t in record["top_k"]]
+        np.testing.assert_allclose([t["probability"] for t in got], [t["probability"] for t in record["top_k"]],
+                                   rtol=0, atol=1e-5)
 
 
 def test_find_images_expands_files_folders_and_globs(tmp_path):

@@ -120,6 +120,22 @@ def test_dense_kernel_with_residual_is_r_plus_x_wt_plus_b(isa, mode):
                     k=max(rows, k, n) + 3)
 
 
+def test_dense_kernel_on_a_packed_weight_is_x_wt_plus_b(isa, mode):
+    """The kernels' own GEMM on a weight packed once (`vit_ms.packing`, csrc/packed.cc), forward only:
+    rows not a multiple of its 6-row micro-kernel (37); k beyond one 256-deep block (300 = 256 + 44); more
+    rows than one 192-row block of a thread (430 rows, 2 threads: 215 each); the packed layout's columns
+    in panels of 16 (48). A sum of k products plus the bias: within gamma_(k + 2) of the float64 value."""
+    from vit_ms.packing import pack_dense_weight
+
+    op = kernels.linear_packed(isa)
+    for rows, k, n in ((37, 300, 48), (430, 40, 32), (1, 16, 16)):
+        x, w, b = _normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)
+        out = op(ms.Tensor(x), ms.Tensor(pack_dense_weight(w)), ms.Tensor(b)).asnumpy()
+        x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+        _assert_within(out, x64 @ w64.T + b64, gamma(k + 2) * (np.abs(x64) @ np.abs(w64).T + np.abs(b64)),
+                       f"packed product {rows} x {k} x {n}")
+
+
 @pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
 def test_dense_kernel_with_gelu_is_gelu_of_x_wt_plus_b(isa, approximate):
     """Eval's fc1 + GELU in one kernel, rows split over the threads (37) and, with a weight beyond L2,

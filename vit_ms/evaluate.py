@@ -101,7 +101,8 @@ class Classifier:
 
 
 def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None, pretrained=None,
-                    num_classes: Optional[int] = None, cache_graphs: bool = False) -> Classifier:
+                    num_classes: Optional[int] = None, cache_graphs: bool = False,
+                    pack_weights: bool = False) -> Classifier:
     """Build a `Classifier` from exactly one source, in eval mode.
 
     Args:
@@ -116,6 +117,9 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
             is process-wide and files graphs by the order they compile in, so only a process that compiles
             nothing but this classifier's graphs should turn it on (not a test run, not training's
             in-process follow-ups, not export).
+        pack_weights: pack the weights for inference (`vit_ms.packing`: faster at batch 1, no gradients or
+            attention maps afterwards), what infer.py asks for; skipped, with an INFO line saying why, where
+            the network cannot be packed (a MINDIR, MindSpore's own ops, widths not multiples of 16).
 
     Raises:
         FileNotFoundError: naming the file that is missing (the model file before its sidecar).
@@ -174,24 +178,38 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
                        if config.num_classes == len(imagenet_classes()) else None)
         source = str(path)
     net.set_train(False)
+    packed = pack_weights and _pack(net)
     if fixed_batch is None and not isinstance(net, nn.GraphCell):
         from .model import set_dynamic_batch
 
         set_dynamic_batch(net, config)  # graph mode: one compile for every batch size (the last is short)
         if cache_graphs:
-            _cache_compiled_graphs(config)
+            _cache_compiled_graphs(config, packed)
     return Classifier(net=net, config=config, preprocess=preprocess, class_names=class_names,
                       labels=readable_class_names(class_names, config.num_classes), source=source,
                       fixed_batch=fixed_batch)
 
 
-def _cache_compiled_graphs(config: ViTConfig) -> None:
+def _pack(net) -> bool:
+    """Pack `net`'s weights for inference where it can be (`vit_ms.packing`); whether it was."""
+    from .packing import pack_for_inference, why_not_packable
+
+    reason = "a MINDIR holds its own graph" if isinstance(net, nn.GraphCell) else why_not_packable(net)
+    if reason is not None:
+        logger.info("weights not packed for inference: %s", reason)
+        return False
+    pack_for_inference(net)
+    return True
+
+
+def _cache_compiled_graphs(config: ViTConfig, packed: bool) -> None:
     """Keep this process's compiled graphs for the next run of the same command (`vit_ms.graph_cache`).
 
     Nothing has compiled yet: building a network does not compile it, its first call does. MindSpore
     files cached graphs by the order they were compiled in, so the key holds everything that changes which
     graphs a run compiles: the model, the execution mode, the script and the names of its options (infer.py
-    with --attention compiles a different first graph than without). Option values (image paths, --top_k)
+    with --attention compiles a different first graph than without), and whether the weights are packed
+    (another kernel setting, the same graph otherwise). Option values (image paths, --top_k)
     stay out of it: with the dynamic batch they compile the same graphs. A MINDIR is not cached: its
     graph comes from the file, not from the vit_ms sources the key digests.
     """
@@ -204,6 +222,7 @@ def _cache_compiled_graphs(config: ViTConfig) -> None:
     argv = sys.argv or [""]
     options = sorted({arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")})
     settings = {"model": config.to_dict(), "fixed_batch": None, "mode": "graph", "dynamic_batch": True,
+                "packed": packed,
                 "device": ms.get_context("device_target"), "script": Path(argv[0]).name, "options": options}
     folder = graph_cache.enable("classify", settings)
     if folder is not None:

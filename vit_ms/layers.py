@@ -192,11 +192,13 @@ class EncoderBlockKernel(nn.Cell):
     """A whole pre-norm encoder block (Eq. 2 and 3, drop-path the identity) in one fused kernel, for eval:
     `vit_ms.ops.encoder_block`. It holds no parameters; the block passes its own."""
 
-    def __init__(self, config, kernel):
+    def __init__(self, config, kernel, packed: bool = False):
         super().__init__()
         self.kernel = kernel
-        # What the kernel reads at run time; the same values its backward was built with (ops.encoder_block).
-        self.settings = ms.Tensor([config.num_heads, config.norm_eps, config.head_dim ** -0.5], ms.float32)
+        # What the kernel reads at run time; the same values its backward was built with (ops.encoder_block),
+        # and with packed weights (vit_ms.packing) a fourth, 1.
+        settings = [config.num_heads, config.norm_eps, config.head_dim ** -0.5] + ([1.0] if packed else [])
+        self.settings = ms.Tensor(settings, ms.float32)
 
     def construct(self, x, ln1_gamma, ln1_beta, qkv_w, qkv_b, proj_w, proj_b, ln2_gamma, ln2_beta, fc1_w, fc1_b,
                   fc2_w, fc2_b):
@@ -204,11 +206,12 @@ class EncoderBlockKernel(nn.Cell):
                            fc2_w, fc2_b, self.settings)
 
 
-def encoder_block(config, *, fused: bool) -> Optional[EncoderBlockKernel]:
-    """The one-kernel encoder block that eval runs, or None (not fused, or the kernel cannot build)."""
-    kernel = (_ops().encoder_block(config.num_heads, config.norm_eps, config.gelu_approximate)
+def encoder_block(config, *, fused: bool, packed: bool = False) -> Optional[EncoderBlockKernel]:
+    """The one-kernel encoder block that eval runs, or None (not fused, or the kernel cannot build); with
+    `packed`, on weights packed for inference (vit_ms.packing)."""
+    kernel = (_ops().encoder_block(config.num_heads, config.norm_eps, config.gelu_approximate, packed=packed)
               if fused else None)
-    return None if kernel is None else EncoderBlockKernel(config, kernel)
+    return None if kernel is None else EncoderBlockKernel(config, kernel, packed)
 
 
 class DropPath(nn.Cell):

@@ -104,17 +104,21 @@ class Block(nn.Cell):
         self.mlp = FeedForward(config, fused)
         self.drop_path = DropPath(drop_path)
         self.one_kernel = encoder_block(config, fused=fused)  # the whole block in one kernel, eval only
+        self.packed = False  # weights packed for inference (vit_ms.packing): only the one kernel reads them
 
     def forward_with_probs(self, x):
         """Tokens (B, N, D) -> (tokens (B, N, D), this block's attention probabilities): `construct` with
         the probabilities formed and returned, which the one-kernel attention never forms."""
+        if self.packed:
+            raise ValueError("attention maps need the block's separate ops, which cannot read weights packed for "
+                             "inference (vit_ms.packing): load the model without packing")
         attended, probs = self.attn.forward_with_probs(self.norm1(x))
         x = x + self.drop_path(attended)  # (2)
         x = x + self.drop_path(self.mlp(self.norm2(x)))  # (3)
         return x, probs
 
     def construct(self, x):
-        if self.one_kernel is not None and not self.training:  # Eq. 2 and 3, drop_path the identity
+        if self.one_kernel is not None and (self.packed or not self.training):  # Eq. 2 and 3, drop_path the identity
             attn, mlp = self.attn, self.mlp
             return self.one_kernel(x, self.norm1.gamma, self.norm1.beta, attn.qkv.weight, attn.qkv.bias,
                                    attn.proj.weight, attn.proj.bias, self.norm2.gamma, self.norm2.beta,

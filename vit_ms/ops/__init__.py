@@ -257,7 +257,17 @@ def linear_gelu(approximate: bool, isa: Optional[str] = None):
     return _custom(path, "Linear" + name, 3, bprop)
 
 
-def encoder_block(num_heads: int, norm_eps: float, approximate: bool, isa: Optional[str] = None):
+def linear_packed(isa: Optional[str] = None):
+    """`op(x, w_packed, b) -> x w^T + b` on a weight packed once (`vit_ms.packing.pack_dense_weight`), on the
+    kernels' own GEMM (`csrc/packed.cc`), forward only: networks run it inside the packed encoder block
+    (`encoder_block(..., packed=True)`); this op is the tests' and benchmarks' handle on it. None where the
+    kernels cannot build."""
+    path = library(isa)
+    return None if path is None else _custom(path, "LinearPacked", 3)
+
+
+def encoder_block(num_heads: int, norm_eps: float, approximate: bool, isa: Optional[str] = None,
+                  packed: bool = False):
     """A whole pre-norm encoder block in one kernel, for networks in eval mode (Eq. 2 and 3, drop-path the
     identity): `op(z, ln1_gamma, ln1_beta, qkv_w, qkv_b, proj_w, proj_b, ln2_gamma, ln2_beta, fc1_w, fc1_b,
     fc2_w, fc2_b, settings) -> z_out`, z (B, N, D), `settings` float32 [num_heads, norm_eps, head_dim ** -0.5].
@@ -270,6 +280,8 @@ def encoder_block(num_heads: int, norm_eps: float, approximate: bool, isa: Optio
         num_heads, norm_eps: the block's; the backward is built for them (the settings tensor must agree).
         approximate: the MLP's GELU: True for the tanh form, False for the exact erf form.
         isa: the compiled variant (default `$VIT_MS_KERNEL_ISA`).
+        packed: the four weights come packed (`vit_ms.packing`; the settings tensor then carries a fourth
+            value, 1): a forward-only op, whose backward raises.
     """
     import mindspore as ms
     from mindspore import ops
@@ -277,6 +289,13 @@ def encoder_block(num_heads: int, norm_eps: float, approximate: bool, isa: Optio
     path = library(isa)
     if path is None or dnnl_library() is None:
         return None
+    name = "EncoderBlock" + ("Tanh" if approximate else "Erf")
+    if packed:
+        def no_bprop(z, g1, b1, w_qkv, b_qkv, w_proj, b_proj, g2, b2, w1, bias1, w2, bias2, settings, out, dout):
+            raise RuntimeError("a network packed for inference (vit_ms.packing) has no gradients; load the "
+                               "weights into an unpacked network to differentiate it")
+
+        return _custom(path, name, 14, no_bprop)
     gelu_name = "GeluTanh" if approximate else "GeluErf"
     norm, norm_grad = _custom(path, "LayerNorm", 4), _custom(path, "LayerNormGrad", 4)
     norm_param_grad = _custom(path, "LayerNormParamGrad", 3)
@@ -312,7 +331,7 @@ def encoder_block(num_heads: int, norm_eps: float, approximate: bool, isa: Optio
                 ln2_grads[0], ln2_grads[1], grad_w(d_pre, h2), grad_b(d_pre), grad_w(dout, act), grad_b(dout),
                 ops.zeros_like(settings))
 
-    return _custom(path, "EncoderBlock" + ("Tanh" if approximate else "Erf"), 14, bprop)
+    return _custom(path, name, 14, bprop)
 
 
 def attention(isa: Optional[str] = None):
@@ -386,4 +405,5 @@ def patchify(isa: Optional[str] = None):
 
 __all__ = ["ISA_ENV", "ISAS", "KernelBuildError", "KernelBuilder", "cpu_isas", "selected_isa", "dnnl_library",
            "library", "build_all_for", "gelu", "layer_norm", "add_bias", "linear", "linear_residual",
-           "linear_gelu", "encoder_block", "attention", "fused_attention", "softmax", "patchify", "adamw_update"]
+           "linear_gelu", "linear_packed", "encoder_block", "attention", "fused_attention", "softmax", "patchify",
+           "adamw_update"]

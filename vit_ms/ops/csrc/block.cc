@@ -24,7 +24,7 @@ static std::mutex scratch_mutex;
 static std::vector<float> scratch;
 
 static int encoder_block(void **params, int64_t batch, int64_t n, int64_t d, int64_t hidden,
-                         void (*gelu)(const float *, float *, int64_t), float *work) {
+                         void (*gelu)(const float *, float *, int64_t), bool packed, float *work) {
   const float *x = static_cast<const float *>(params[0]);
   const float *ln1_g = static_cast<const float *>(params[1]), *ln1_b = static_cast<const float *>(params[2]);
   const float *qkv_w = static_cast<const float *>(params[3]), *qkv_b = static_cast<const float *>(params[4]);
@@ -32,7 +32,7 @@ static int encoder_block(void **params, int64_t batch, int64_t n, int64_t d, int
   const float *ln2_g = static_cast<const float *>(params[7]), *ln2_b = static_cast<const float *>(params[8]);
   const float *fc1_w = static_cast<const float *>(params[9]), *fc1_b = static_cast<const float *>(params[10]);
   const float *fc2_w = static_cast<const float *>(params[11]), *fc2_b = static_cast<const float *>(params[12]);
-  const float *settings = static_cast<const float *>(params[13]);  // heads, LayerNorm eps, attention scale
+  const float *settings = static_cast<const float *>(params[13]);  // heads, LayerNorm eps, attention scale[, packed]
   float *y = static_cast<float *>(params[14]);
   const int64_t heads = static_cast<int64_t>(settings[0]), rows = batch * n;
   const float eps = settings[1], scale = settings[2];
@@ -50,23 +50,32 @@ static int encoder_block(void **params, int64_t batch, int64_t n, int64_t d, int
   // reads every row's k and v) is the only other wait. att shares LN1's rows (dead once qkv is done) and
   // each thread's LN2 overwrites only the attention rows its own projection has read; fc1 overwrites qkv
   // only after attention. The same per-row work as the block's separate kernels, so the same numbers.
+  // With `packed` (a network packed for inference, vit_ms/packing.py) the four weights are in packed.cc's
+  // layout and every product is `dense_packed`, split by rows the same way.
   const Split split = Split::kRowsInTeam;
+  auto product = [=](const float *in, const float *w, const float *b, const float *r, float *out, int64_t k,
+                     int64_t n, void (*act)(const float *, float *, int64_t)) {
+    if (packed) return dense_packed(in, w, b, r, out, rows, k, n, act);
+    return r != nullptr ? dense_residual(in, w, b, r, out, rows, k, n, split)
+                        : dense(in, w, b, out, rows, k, n, act, split);
+  };
   int status = 0;
 #pragma omp parallel reduction(| : status)
   {
     layer_norm_in_team(x, ln1_g, ln1_b, ln, rows, d, eps);
-    status |= dense(ln, qkv_w, qkv_b, qkv, rows, d, 3 * d, nullptr, split);
+    status |= product(ln, qkv_w, qkv_b, nullptr, qkv, d, 3 * d, nullptr);
 #pragma omp barrier
     status |= attention_in_team(qkv, batch, n, heads, d / heads, scale, att);
-    status |= dense_residual(att, proj_w, proj_b, x, y, rows, d, d, split);  // y = z'
+    status |= product(att, proj_w, proj_b, x, y, d, d, nullptr);  // y = z'
     layer_norm_in_team(y, ln2_g, ln2_b, ln, rows, d, eps);
-    status |= dense(ln, fc1_w, fc1_b, wide, rows, d, hidden, gelu, split);
-    status |= dense_residual(wide, fc2_w, fc2_b, y, y, rows, hidden, d, split);
+    status |= product(ln, fc1_w, fc1_b, nullptr, wide, d, hidden, gelu);
+    status |= product(wide, fc2_w, fc2_b, y, y, hidden, d, nullptr);
   }
   return status;
 }
 
-// (z (B, N, D), ln1 gamma, beta, qkv w, b, proj w, b, ln2 gamma, beta, fc1 w, b, fc2 w, b, settings (3,)) -> (B, N, D)
+// (z (B, N, D), ln1 gamma, beta, qkv w, b, proj w, b, ln2 gamma, beta, fc1 w, b, fc2 w, b, settings (3,) or (4,))
+// -> (B, N, D); settings[3] nonzero: the four weights are packed (packed.cc).
 static int encoder_block_kernel(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void (*gelu)(const float *, float *, int64_t)) {
   if (nparam != 15 || ndims[0] != 3 || !all_float32(nparam, dtypes)) return 1;
@@ -84,7 +93,9 @@ static int encoder_block_kernel(int nparam, void **params, int *ndims, int64_t *
       return 1;
     }
   }
-  return encoder_block(params, batch, n, d, hidden, gelu, work.data());
+  const bool packed = shapes[13][0] > 3 && static_cast<const float *>(params[13])[3] != 0.0f;
+  if (packed && (d % 16 != 0 || hidden % 16 != 0)) return 1;
+  return encoder_block(params, batch, n, d, hidden, gelu, packed, work.data());
 }
 
 SAME_SHAPE_INFER(EncoderBlockErf)

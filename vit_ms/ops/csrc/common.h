@@ -110,6 +110,13 @@ VIT_MS_INTERNAL void layer_norm_in_team(const float *x, const float *g, const fl
 VIT_MS_INTERNAL void gelu_erf(const float *x, float *y, int64_t n);
 VIT_MS_INTERNAL void gelu_tanh(const float *x, float *y, int64_t n);
 
+// Dense layers on a weight packed once (packed.cc has the layout), this thread's rows in the caller's
+// parallel region: y = r + x w^T + b (r may be null, or y itself), then `gelu` on it if given; n a multiple
+// of 16; 0 on success. Needs no oneDNN.
+VIT_MS_INTERNAL int dense_packed(const float *x, const float *wp, const float *b, const float *r, float *y,
+                                 int64_t rows, int64_t k, int64_t n,
+                                 void (*gelu)(const float *, float *, int64_t) = nullptr);
+
 #ifdef VIT_MS_DNNL_PATH
 // oneDNN's sgemm from the MindSpore wheel's libdnnl.so.3 (dlopen'ed once; null if missing). dense.cc.
 typedef int (*sgemm_fn)(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,

@@ -1,0 +1,153 @@
+// Dense layers on weights packed once, for networks packed for inference (vit_ms/packing.py): y = r + x w^T + b
+// with w already in the layout below. oneDNN's sgemm packs its operands again at every call; onnxruntime's
+// MLAS packs a model's constant weights once, and its products took 9-14 % less time than vit_ms's at
+// ViT-B/16 batch 1 in one process (README, round 29). The micro-kernel is MLAS's shape: 6 rows of x
+// (broadcast) by 16 output columns (two AVX registers of the packed weight), FMA, up to 256 deep; the order
+// of work is GotoBLAS's: a block of x's rows packed into L2, each 16-column panel of the weight (16 KB) in
+// L1 for all of them. MLAS's order (a 128-column block of the weight in L2, every row streamed past it)
+// was as fast at batch 1 but 0.81-0.86x of oneDNN's sgemm in a ViT-S/16 batch-16 step, re-reading x and y
+// from L3.
+//
+// The packed layout of a weight w (n, k), n a multiple of 16: for each block of kPackK values of k (the
+// last one shorter, kc deep), for each panel of 16 output columns, the block's kc rows of 16 floats: w[16 p
+// + j, k0 + i] is at k0 n + 16 p kc + 16 i + j. vit_ms/packing.py writes it (`pack_dense_weight`).
+//
+// Each output element is its bias (and residual) plus the sums of its k blocks in ascending order, each
+// block's products added up in k order with FMA: the same order at every batch size and thread count.
+#include "common.h"
+
+#include <immintrin.h>
+
+#include <new>
+
+static const int64_t kPackK = 256;   // k per block: a weight panel is 16 KB, in L1
+static const int64_t kPackRows = 192;  // x rows per block (multiple of 6): 192 KB of packed x, in L2
+
+// c[i, 0:16] += sum_k xp[k, i] p[k, 0:16] for i < MR, k < kc: xp holds kc rows of 6 floats (x's rows
+// packed), p one panel of the packed weight, c rows ldc apart.
+template <int MR>
+__attribute__((target("avx2,fma"))) static void panel_fma(int64_t kc, const float *xp, const float *p, float *c,
+                                                           int64_t ldc) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    // c's rows are read at the end: fetched now, they arrive while the products run
+    _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc + 15), _MM_HINT_T0);
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 p0 = _mm256_loadu_ps(p + 16 * k), p1 = _mm256_loadu_ps(p + 16 * k + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xi = _mm256_broadcast_ss(xp + 6 * k + i);
+      acc[i][0] = _mm256_fmadd_ps(xi, p0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(xi, p1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    float *ci = c + i * ldc;
+    _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), acc[i][0]));
+    _mm256_storeu_ps(ci + 8, _mm256_add_ps(_mm256_loadu_ps(ci + 8), acc[i][1]));
+  }
+}
+
+// The same sums for CPUs without AVX2 and FMA (each product rounded before it is added: another float32
+// rounding, inside the same bound).
+template <int MR>
+static void panel_plain(int64_t kc, const float *xp, const float *p, float *c, int64_t ldc) {
+  float acc[MR][16] = {};
+  for (int64_t k = 0; k < kc; ++k)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 16; ++j) acc[i][j] += xp[6 * k + i] * p[16 * k + j];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 16; ++j) c[i * ldc + j] += acc[i][j];
+}
+
+typedef void (*panel_fn)(int64_t, const float *, const float *, float *, int64_t);
+static const panel_fn kPanelFma[6] = {panel_fma<1>, panel_fma<2>, panel_fma<3>,
+                                      panel_fma<4>, panel_fma<5>, panel_fma<6>};
+static const panel_fn kPanelPlain[6] = {panel_plain<1>, panel_plain<2>, panel_plain<3>,
+                                        panel_plain<4>, panel_plain<5>, panel_plain<6>};
+
+// The micro-kernels this CPU runs (every variant of the library may load on a CPU with AVX2 and FMA).
+static const panel_fn *panels() {
+  static const panel_fn *table =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? kPanelFma : kPanelPlain;
+  return table;
+}
+
+// c (rows, n) += x (rows, k) w^T for w packed, on the calling thread; false if its buffer cannot be had.
+static bool packed_product(const float *x, const float *wp, float *c, int64_t rows, int64_t k, int64_t n) {
+  thread_local std::vector<float> buffer;  // this thread's block of x, packed: kPackRows x kPackK floats
+  if (buffer.size() < static_cast<size_t>(kPackRows * kPackK)) {
+    try {
+      buffer.resize(kPackRows * kPackK);
+    } catch (const std::bad_alloc &) {
+      return false;
+    }
+  }
+  float *xp = buffer.data();
+  const panel_fn *panel = panels();
+  for (int64_t k0 = 0; k0 < k; k0 += kPackK) {
+    const int64_t kc = k - k0 < kPackK ? k - k0 : kPackK;
+    const float *block = wp + k0 * n;  // the weight's k block: n / 16 panels of kc x 16
+    for (int64_t r0 = 0; r0 < rows; r0 += kPackRows) {
+      const int64_t mb = rows - r0 < kPackRows ? rows - r0 : kPackRows;
+      // x[r0 : r0 + mb, k0 : k0 + kc] as groups of 6 rows, k-major within a group (a short last group
+      // repeats its first row; the micro-kernel reads only the rows it has)
+      for (int64_t g = 0; g < mb; g += 6) {
+        const int64_t mr = mb - g < 6 ? mb - g : 6;
+        float *dst = xp + g * kc;
+        for (int64_t i = 0; i < 6; ++i) {
+          const float *src = x + (r0 + g + (i < mr ? i : 0)) * k + k0;
+          for (int64_t j = 0; j < kc; ++j) dst[6 * j + i] = src[j];
+        }
+      }
+      for (int64_t col = 0; col < n; col += 16)
+        for (int64_t g = 0; g < mb; g += 6) {
+          const int64_t mr = mb - g < 6 ? mb - g : 6;
+          panel[mr - 1](kc, xp + g * kc, block + col * kc, c + (r0 + g) * n + col, n);
+        }
+    }
+  }
+  return true;
+}
+
+int dense_packed(const float *x, const float *wp, const float *b, const float *r, float *y, int64_t rows,
+                 int64_t k, int64_t n, void (*gelu)(const float *, float *, int64_t)) {
+  if (n % 16 != 0) return 1;
+  int status = 0;
+  TEAM_ROWS(rows, {
+    if (nr > 0) {
+      for (int64_t i = r0; i < r0 + nr; ++i)
+        for (int64_t j = 0; j < n; ++j) y[i * n + j] = (r != nullptr ? r[i * n + j] : 0.0f) + b[j];
+      if (!packed_product(x + r0 * k, wp, y + r0 * n, nr, k, n)) status = 1;
+      if (gelu != nullptr) gelu(y + r0 * n, y + r0 * n, nr * n);
+    }
+  })
+  return status;
+}
+
+// (x (..., K), w packed (N, K), b (N)) -> x w^T + b (..., N): `dense_packed` in a parallel region of its own
+// (the tests' and bench_kernels.py's handle on it; networks run it inside the encoder block kernel).
+extern "C" std::vector<int64_t> LinearPackedInferShape(int *ndims, int64_t **shapes, void *extra) {
+  std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);
+  out.back() = shapes[1][0];
+  return out;
+}
+extern "C" int LinearPacked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  if (nparam != 4 || ndims[0] < 1 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
+  const int64_t k = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
+  if (shapes[1][1] != k) return 1;
+  const float *x = static_cast<const float *>(params[0]), *wp = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  int status = 0;
+#pragma omp parallel reduction(| : status)
+  status |= dense_packed(x, wp, b, nullptr, y, rows, k, n);
+  return status;
+}
