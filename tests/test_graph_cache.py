@@ -147,7 +147,7 @@ def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
     script = tmp_path / "classify.py"
     script.write_text(_CLASSIFY)
 
-    def run(*args):
+    def run(*args, env=env):
         done = subprocess.run([sys.executable, str(script), str(ckpt), *args], env=env, capture_output=True,
                               text=True, timeout=300, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -162,8 +162,11 @@ def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
     assert warm == cold  # same folder, the same logits from the cached graph
     other = run("graph", "cache", "--attention")
     assert other["folder"] != cold["folder"]
-    packed = run("graph", "cache", "pack")  # no option name differs: the key's "packed" must
-    assert packed["folder"] not in (cold["folder"], other["folder"])
+    # Packed weights (they need the fused kernels, also in a run with VIT_MS_FUSED_KERNELS=0): no option name
+    # differs, the key's "packed" must.
+    fused = {k: v for k, v in env.items() if k != "VIT_MS_FUSED_KERNELS"}
+    plain, packed = run("graph", "cache", env=fused), run("graph", "cache", "pack", env=fused)
+    assert packed["folder"] not in (plain["folder"], other["folder"])
     # The cached graph gives what the fresh compile gave (whose logits test_packing.py bounds).
-    assert run("graph", "cache", "pack") == packed
+    assert run("graph", "cache", "pack", env=fused) == packed
     assert run("pynative", "cache")["folder"] is None

@@ -10,9 +10,15 @@ import pytest
 
 from float32_bounds import assert_within, init_scale_weights, logits_bound
 from test_fast_path import SMALL, _images, _reference, isa  # noqa: F401  (isa: the kernel-variant fixture)
-from vit_ms import create_model, set_dynamic_batch
+from vit_ms import create_model, layers, set_dynamic_batch
 from vit_ms.checkpoint import CheckpointError, load_weights
 from vit_ms.packing import PACK_K, SUFFIX, pack_dense_weight, pack_for_inference, why_not_packable
+
+
+@pytest.fixture(autouse=True)
+def _fused_kernels_allowed(monkeypatch):
+    """Packing needs the fused kernels: allowed here also in a run with VIT_MS_FUSED_KERNELS=0 for the rest."""
+    monkeypatch.delenv(layers.FUSED_ENV, raising=False)
 
 
 def _packed_and_plain(config=SMALL, seed=0):
