@@ -78,9 +78,9 @@ def main(argv=None) -> int:
     ms.set_context(mode=ms.GRAPH_MODE)
     # The inputs are listed now, reported after the model has loaded (a broken model is the news): packing the
     # weights for inference (vit_ms.packing) pays where every batch is small, not at 16; attention maps need
-    # the plain weights.
+    # the plain weights, and a MINDIR holds its own graph.
     paths, missing = find_images(args.input)
-    pack = not args.attention and min(args.batch_size, len(paths)) <= SMALL_BATCH
+    pack = not (args.attention or args.mindir) and min(args.batch_size, len(paths)) <= SMALL_BATCH
     try:
         classifier = load_classifier(args.checkpoint, mindir=args.mindir, model=args.model,
                                      pretrained=args.pretrained, num_classes=args.num_classes,

@@ -2,13 +2,14 @@
 fused CPU kernels' own GEMM reads (`vit_ms/ops/csrc/packed.cc`), as onnxruntime packs a model's constant
 weights when it loads them, where oneDNN's sgemm packs them again at every call.
 
-A step at batch 1 then takes 7-18 % less time (ViT-S/16, ViT-B/16, AMD EPYC; README, round 29); at batch
-16 the same. The weights are rearranged in place, so the network holds no second copy, and renamed
+A batch-1 step then takes 6-14 % less time (ViT-Ti/16 to ViT-B/16, AMD EPYC; README, round 29); at batch
+16 up to 8 % more, so infer.py packs only where every batch is small (`SMALL_BATCH`). The weights are
+rearranged in place, so the network holds no second copy, and renamed
 (`...qkv.weight` -> `...qkv.weight_packed`), so that a checkpoint saved from it cannot pass for one in the
 plain layout. A packed network is for inference only: its blocks run the one-kernel path in any mode, have
 no gradients and no attention maps, and it must be packed before its first call (a compiled graph would
-keep reading the weights as plain ones). `load_classifier(..., pack_weights=True)` packs what infer.py
-loads.
+keep reading the weights as plain ones). `load_classifier(..., pack_weights=True)` packs what it loads
+(infer.py asks for it).
 
     net = create_model(config); load_weights(net, path); net.set_train(False)
     pack_for_inference(net)      # then net(images), as before
@@ -23,9 +24,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 PACK_K = 256  # the depth of a packed block of k: csrc/packed.cc's kPackK
-# The batch sizes packing is for: up to 4 images it measured 1.03-1.22x faster (ViT-S/16 b2 1.03-1.07x, b4
-# 0.99x; ViT-B/16 b4 1.22x), at 16 0.92-1.00x (AMD EPYC, AVX2; README, round 29). infer.py packs where every
-# batch it runs is this small.
+# The batch sizes packing is for: up to 4 images a step measured 0.99-1.23x as fast packed (ViT-Ti/S/B b1
+# 1.06-1.16x, ViT-S b2 1.03-1.07x, b4 0.99x, ViT-B b4 1.22x), at 16 0.92-1.00x (AMD EPYC, AVX2; README,
+# round 29). infer.py packs where every batch it runs is this small.
 SMALL_BATCH = 4
 SUFFIX = "_packed"  # appended to a packed weight's name
 
@@ -55,6 +56,7 @@ def why_not_packable(net) -> Optional[str]:
     config = net.config
     if config.embed_dim % 16 or config.mlp_dim % 16:
         return f"its widths ({config.embed_dim}, {config.mlp_dim}) are not multiples of 16"
+    # Its own graphs only: a graph compiled through a Cell around it (a loss wrapper, Model.eval) is not seen.
     if net.compile_cache:
         return "it has run already: pack it before its first call (its compiled graph reads the weights as plain)"
     return None
