@@ -260,10 +260,10 @@ def linear_gelu(approximate: bool, isa: Optional[str] = None):
 def linear_packed(isa: Optional[str] = None):
     """`op(x, w_packed, b) -> x w^T + b` on a weight packed once (`vit_ms.packing.pack_dense_weight`), on the
     kernels' own GEMM (`csrc/packed.cc`), forward only: networks run it inside the packed encoder block
-    (`encoder_block(..., packed=True)`); this op is the tests' and benchmarks' handle on it. None where the
-    kernels cannot build."""
+    (`encoder_block(..., packed=True)`); this op is the tests' and benchmarks' handle on it. None where
+    `linear()` would be None (it is built beside the Dense kernels)."""
     path = library(isa)
-    return None if path is None else _custom(path, "LinearPacked", 3)
+    return None if path is None or dnnl_library() is None else _custom(path, "LinearPacked", 3)
 
 
 def encoder_block(num_heads: int, norm_eps: float, approximate: bool, isa: Optional[str] = None,

@@ -110,6 +110,18 @@ VIT_MS_INTERNAL void layer_norm_in_team(const float *x, const float *g, const fl
 VIT_MS_INTERNAL void gelu_erf(const float *x, float *y, int64_t n);
 VIT_MS_INTERNAL void gelu_tanh(const float *x, float *y, int64_t n);
 
+// A Dense layer's output block before its product is added: y[i, j] = r[i, j] + b[j] (r null: b alone; r may
+// be y itself) for rows [r0, r0 + nr) and columns [c0, c0 + nc) of n.
+static inline void bias_block(const float *r, const float *b, float *y, int64_t r0, int64_t nr, int64_t c0,
+                              int64_t nc, int64_t n) {
+  for (int64_t i = r0; i < r0 + nr; ++i) {
+    if (r == nullptr)
+      std::memcpy(y + i * n + c0, b + c0, nc * sizeof(float));
+    else
+      for (int64_t j = c0; j < c0 + nc; ++j) y[i * n + j] = r[i * n + j] + b[j];
+  }
+}
+
 // Dense layers on a weight packed once (packed.cc has the layout), this thread's rows in the caller's
 // parallel region: y = r + x w^T + b (r may be null, or y itself), then `gelu` on it if given; n a multiple
 // of 16; 0 on success. Needs no oneDNN.

@@ -129,9 +129,7 @@ static int parallel_sgemm(char ta, char tb, int64_t m, int64_t n, int64_t k, con
 // layer (it counts at batch 1).
 int dense(const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t k, int64_t n,
           void (*gelu)(const float *, float *, int64_t), Split split) {
-  auto bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    for (int64_t r = r0; r < r0 + nr; ++r) std::memcpy(y + r * n + c0, b + c0, nc * sizeof(float));
-  };
+  auto bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) { bias_block(nullptr, b, y, r0, nr, c0, nc, n); };
   auto activation = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
     if (gelu != nullptr)
       for (int64_t r = r0; r < r0 + nr; ++r) gelu(y + r * n + c0, y + r * n + c0, nc);
@@ -144,8 +142,7 @@ int dense(const float *x, const float *w, const float *b, float *y, int64_t rows
 int dense_residual(const float *x, const float *w, const float *b, const float *r, float *y, int64_t rows, int64_t k,
                    int64_t n, Split split) {
   auto residual_and_bias = [=](int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    for (int64_t i = r0; i < r0 + nr; ++i)
-      for (int64_t j = c0; j < c0 + nc; ++j) y[i * n + j] = r[i * n + j] + b[j];
+    bias_block(r, b, y, r0, nr, c0, nc, n);
   };
   const auto nothing = [](int64_t, int64_t, int64_t, int64_t) {};
   return parallel_sgemm('N', 'T', rows, n, k, x, k, k, w, k, k, 1.0f, y, residual_and_bias, nothing, split);
@@ -190,6 +187,19 @@ static int linear_kernel(int nparam, void **params, int *ndims, int64_t **shapes
   DenseArgs a;
   if (!dense_args(nparam, 3, params, ndims, shapes, dtypes, &a)) return 1;
   return dense(a.x, a.w, a.b, a.y, a.rows, a.k, a.n, gelu);
+}
+
+// (x (..., K), w packed (N, K), b (N)) -> x w^T + b (..., N): `dense_packed` (packed.cc) in a parallel region
+// of its own, the tests' and bench_kernels.py's handle on it (networks run it inside the encoder block kernel).
+LINEAR_INFER(LinearPacked)
+extern "C" int LinearPacked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  DenseArgs a;
+  if (!dense_args(nparam, 3, params, ndims, shapes, dtypes, &a) || shapes[1][1] != a.k) return 1;
+  int status = 0;
+#pragma omp parallel reduction(| : status)
+  status |= dense_packed(a.x, a.w, a.b, nullptr, a.y, a.rows, a.k, a.n);
+  return status;
 }
 
 // (x (..., K), w (N, K), b (N)) -> x w^T + b (..., N), like nn.Dense

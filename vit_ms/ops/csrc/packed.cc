@@ -122,32 +122,10 @@ int dense_packed(const float *x, const float *wp, const float *b, const float *r
   int status = 0;
   TEAM_ROWS(rows, {
     if (nr > 0) {
-      for (int64_t i = r0; i < r0 + nr; ++i)
-        for (int64_t j = 0; j < n; ++j) y[i * n + j] = (r != nullptr ? r[i * n + j] : 0.0f) + b[j];
+      bias_block(r, b, y, r0, nr, 0, n, n);
       if (!packed_product(x + r0 * k, wp, y + r0 * n, nr, k, n)) status = 1;
       if (gelu != nullptr) gelu(y + r0 * n, y + r0 * n, nr * n);
     }
   })
-  return status;
-}
-
-// (x (..., K), w packed (N, K), b (N)) -> x w^T + b (..., N): `dense_packed` in a parallel region of its own
-// (the tests' and bench_kernels.py's handle on it; networks run it inside the encoder block kernel).
-extern "C" std::vector<int64_t> LinearPackedInferShape(int *ndims, int64_t **shapes, void *extra) {
-  std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);
-  out.back() = shapes[1][0];
-  return out;
-}
-extern "C" int LinearPacked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                            void *stream, void *extra) {
-  if (nparam != 4 || ndims[0] < 1 || ndims[1] != 2 || !all_float32(nparam, dtypes)) return 1;
-  const int64_t k = last_dim(ndims[0], shapes[0]), rows = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
-  if (shapes[1][1] != k) return 1;
-  const float *x = static_cast<const float *>(params[0]), *wp = static_cast<const float *>(params[1]);
-  const float *b = static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
-  int status = 0;
-#pragma omp parallel reduction(| : status)
-  status |= dense_packed(x, wp, b, nullptr, y, rows, k, n);
   return status;
 }
