@@ -5,7 +5,9 @@ Inference and one training step (cross-entropy + AdamW) for each preset and batc
 - `mindspore`: graph mode, compiled for the batch size it is given (as training with `drop_remainder`);
   `mindspore-dynamic` declares a dynamic batch dimension (`vit_ms.set_dynamic_batch`: one graph for
   every batch size, what eval.py runs); `mindspore-packed` (inference only) is that with its weights
-  packed for inference (`vit_ms.packing`, what infer.py runs); `mindspore-pynative` is the same network in
+  packed for inference (`vit_ms.packing`), and `mindspore-packed-fixed` packed and compiled for its batch
+  size (what infer.py runs where every batch is small and of one size, e.g. one image; a dynamic batch
+  costs MindSpore's shape work at every step); `mindspore-pynative` is the same network in
   PyNative mode (no graph compile); `mindspore-plain` is `fast=False` (MindSpore's built-in ops);
   `mindspore-longspin` is `mindspore` with libgomp's own spin (GOMP_SPINCOUNT=300000, no OMP_WAIT_POLICY)
   instead of vit_ms's defaults (`vit_ms.threads`), for an A/B of those defaults in one run.
@@ -48,9 +50,13 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("bench_model")
-FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-packed", "mindspore-pynative", "mindspore-plain",
+FRAMEWORKS = ("mindspore", "mindspore-dynamic", "mindspore-packed", "mindspore-packed-fixed", "mindspore-pynative",
+              "mindspore-plain",
               "mindspore-longspin", "torch", "onnxruntime")
-INFER_ONLY = ("onnxruntime", "mindspore-packed")  # the export has no training graph; packed weights no gradients
+# the export has no training graph; packed weights no gradients
+INFER_ONLY = ("onnxruntime", "mindspore-packed", "mindspore-packed-fixed")
+COMPILED = ("mindspore", "mindspore-dynamic", "mindspore-packed", "mindspore-packed-fixed", "mindspore-plain",
+            "mindspore-longspin")  # the MindSpore frameworks that compile a graph (the compile column)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -218,7 +224,7 @@ def worker(args) -> dict:
         step, to_tensor, to_numpy, compile_step = _mindspore_step(
             config, args.task, args.framework != "mindspore-plain",
             args.framework in ("mindspore-dynamic", "mindspore-packed"), args.memory_optimize, cache,
-            pynative=args.framework == "mindspore-pynative", packed=args.framework == "mindspore-packed")
+            pynative=args.framework == "mindspore-pynative", packed=args.framework.startswith("mindspore-packed"))
     rng = np.random.default_rng(0)
 
     def batch(size):
@@ -425,8 +431,7 @@ def format_table(report: dict) -> str:
         ref = torch_rows.get((r["preset"], r["image_size"], r["batch"], r["task"]))
         ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}x" if ref else ""
         spread = f"{100 * r['spread']:.0f}%" if len(r["samples"]) > 1 else "1 round"
-        compile_s = f"{r['compile_s']:.1f}" if r["framework"] in ("mindspore", "mindspore-dynamic", "mindspore-packed",
-                                                                   "mindspore-plain", "mindspore-longspin") else ""
+        compile_s = f"{r['compile_s']:.1f}" if r["framework"] in COMPILED else ""
         lines.append(f"| {r['preset']} | {r['image_size']} | {r['batch']} | {r['task']} | {r['framework']} | "
                      f"{r['images_per_s']:.2f} | {spread} | {ratio} | {r['gflop_per_s']:.1f} | "
                      f"{100 * r['peak_fraction']:.0f}% | {compile_s} | {r['first_call_s']:.1f} | "
@@ -449,7 +454,8 @@ def parse_args(argv=None):
     p.add_argument("--frameworks", type=csv(str), default=["mindspore", "torch"],
                    help=f"any of {', '.join(FRAMEWORKS)}: mindspore compiles per batch size, "
                         "mindspore-dynamic once for all (set_dynamic_batch), mindspore-packed that with its "
-                        "weights packed for inference (infer.py's), mindspore-pynative without a "
+                        "weights packed for inference, mindspore-packed-fixed packed and compiled per batch "
+                        "size (infer.py's small batches of one size), mindspore-pynative without a "
                         "graph, mindspore-plain is fast=False, mindspore-longspin runs with libgomp's own "
                         "spin count, onnxruntime runs the PyTorch model's ONNX export "
                         "(inference only) (default: mindspore,torch)")

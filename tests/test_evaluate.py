@@ -12,7 +12,7 @@ from PIL import Image
 from tiny_classifier import CLASS_NAMES, TINY, random_image, random_net, run_cli, write_checkpoint
 from vit_ms import data
 from vit_ms.checkpoint import load_model
-from vit_ms.evaluate import evaluate, evaluate_folder, load_classifier
+from vit_ms.evaluate import evaluate, evaluate_folder, load_classifier, run_batch
 
 PER_CLASS = 3
 
@@ -120,3 +120,38 @@ def test_an_unavailable_device_is_one_line_before_anything_is_loaded(tmp_path):
         f"only; install the GPU (CUDA) build of MindSpore on a machine with an NVIDIA GPU and CUDA "
         f"(https://www.mindspore.cn/install), or use --device_target CPU"), run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_classifier_for_one_batch_size_pads_shorter_batches(tmp_path, monkeypatch):
+    """`load_classifier(batch_size=3)` (infer.py where every batch has the same size): one graph, compiled for
+    batches of 3, a longer input split and a shorter one padded; the logits within float32 rounding of the
+    float64 reference (`float32_bounds`), as the dynamic-batch graph's are. PyNative compiles nothing: no
+    fixed batch there."""
+    from float32_bounds import assert_within, init_scale_weights, logits_bound
+    from test_fast_path import SMALL, _images, _reference
+    from vit_ms import create_model, layers
+    from vit_ms.checkpoint import make_metadata, save_checkpoint
+
+    monkeypatch.delenv(layers.FUSED_ENV, raising=False)  # the fused kernels, what infer.py runs
+    net = create_model(SMALL, fast=True)
+    init_scale_weights(net, np.random.default_rng(0))
+    net.set_train(False)
+    ckpt = save_checkpoint(net, tmp_path / "small.ckpt", make_metadata(SMALL))
+    x = _images(5, seed=4)
+    ref_logits, _ = _reference(net, SMALL, x)
+    pre_logits = net.forward_intermediates(ms.Tensor(x))["pre_logits"].asnumpy()
+    bound = logits_bound(SMALL, pre_logits, net.head.weight.asnumpy(), net.head.bias.asnumpy())
+    previous = ms.get_context("mode")
+    try:
+        ms.set_context(mode=ms.GRAPH_MODE)
+        classifier = load_classifier(ckpt, batch_size=3)
+        assert classifier.fixed_batch == 3
+        assert_within(run_batch(classifier, x), ref_logits, bound, "batches of 3 (3 + 2 padded)")
+        assert_within(run_batch(classifier, x[:1]), ref_logits[:1], bound[:1], "one image, padded to 3")
+        assert len(classifier.net.compile_cache) == 1  # one graph for all of them
+        with pytest.raises(ValueError, match="batch_size must be positive"):
+            load_classifier(ckpt, batch_size=0)
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        assert load_classifier(ckpt, batch_size=3).fixed_batch is None
+    finally:
+        ms.set_context(mode=previous)

@@ -122,7 +122,8 @@ from vit_ms.evaluate import load_classifier, run_batch
 ckpt, mode, cache = sys.argv[1], sys.argv[2], sys.argv[3] == "cache"
 ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-classifier = load_classifier(ckpt, cache_graphs=cache, pack_weights="pack" in sys.argv[4:])
+classifier = load_classifier(ckpt, cache_graphs=cache, pack_weights="pack" in sys.argv[4:],
+                             batch_size=2 if "fixed" in sys.argv[4:] else None)
 x = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
 print(json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH"),
                   "logits": run_batch(classifier, x).tolist()}))
@@ -131,9 +132,9 @@ print(json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH"),
 
 def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
     """eval.py and infer.py get the cache through `load_classifier(cache_graphs=True)`: in graph mode, keyed
-    by the model, the script's option names (which change the graphs compiled) and whether the weights are
-    packed (infer.py's small batches: the same graph but for a kernel setting); not in PyNative, and not
-    unless asked (the cache is process-wide)."""
+    by the model, the script's option names (which change the graphs compiled), whether the weights are
+    packed (infer.py's small batches: the same graph but for a kernel setting) and the batch size of a
+    fixed-batch graph; not in PyNative, and not unless asked (the cache is process-wide)."""
     from vit_ms import create_model
     from vit_ms.checkpoint import make_metadata, save_checkpoint
 
@@ -169,4 +170,8 @@ def test_load_classifier_caches_graphs_per_model_and_options(tmp_path):
     assert packed["folder"] not in (plain["folder"], other["folder"])
     # The cached graph gives what the fresh compile gave (whose logits test_packing.py bounds).
     assert run("graph", "cache", "pack", env=fused) == packed
+    # A graph for one batch size (infer.py where every batch has it): no option name differs, the key must.
+    fixed = run("graph", "cache", "fixed")
+    assert fixed["folder"] not in (plain["folder"], packed["folder"], other["folder"], cold["folder"])
+    assert run("graph", "cache", "fixed") == fixed
     assert run("pynative", "cache")["folder"] is None

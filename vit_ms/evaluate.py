@@ -87,7 +87,7 @@ class Classifier:
     class_names: Optional[List[str]]  # as stored with the model (folder names, wnids) or None
     labels: List[str]  # readable name per output (see readable_class_names)
     source: str  # the file the model came from
-    fixed_batch: Optional[int] = None  # the batch size a static MINDIR accepts; None: any
+    fixed_batch: Optional[int] = None  # the one batch size the graph takes (a static MINDIR's); None: any
 
     def metadata(self) -> dict:
         """Checkpoint-style metadata (config, preprocessing, class names) for export sidecars."""
@@ -102,7 +102,7 @@ class Classifier:
 
 def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None, pretrained=None,
                     num_classes: Optional[int] = None, cache_graphs: bool = False,
-                    pack_weights: bool = False) -> Classifier:
+                    pack_weights: bool = False, batch_size: Optional[int] = None) -> Classifier:
     """Build a `Classifier` from exactly one source, in eval mode.
 
     Args:
@@ -120,6 +120,11 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
         pack_weights: pack the weights for inference (`vit_ms.packing`: faster at batch 1, no gradients or
             attention maps afterwards), what infer.py asks for; skipped, with an INFO line saying why, where
             the network cannot be packed (a MINDIR, MindSpore's own ops, widths not multiples of 16).
+        batch_size: compile the graph for this one batch size, where the caller knows every batch has it
+            (`run_batch` pads a shorter one), instead of for any batch size. A graph with a dynamic batch
+            infers every op's output shape again at each call: ~2-3 ms per step, a tenth of a ViT-Ti/16
+            batch-1 step (README, "Round 30"). None (the default): any batch size, one compile for all.
+            Graph mode only (PyNative compiles nothing); a MINDIR keeps the batch it was exported with.
 
     Raises:
         FileNotFoundError: naming the file that is missing (the model file before its sidecar).
@@ -180,11 +185,18 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
     net.set_train(False)
     packed = pack_weights and _pack(net)
     if fixed_batch is None and not isinstance(net, nn.GraphCell):
-        from .model import set_dynamic_batch
+        if batch_size is not None and ms.get_context("mode") == ms.GRAPH_MODE:
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be positive, got {batch_size}")
+            fixed_batch = batch_size  # graph mode compiles for the shape of the first call
+            logger.info("one graph for batches of %d image%s (a shorter batch is padded)", batch_size,
+                        "" if batch_size == 1 else "s")
+        else:
+            from .model import set_dynamic_batch
 
-        set_dynamic_batch(net, config)  # graph mode: one compile for every batch size (the last is short)
+            set_dynamic_batch(net, config)  # graph mode: one compile for every batch size (the last is short)
         if cache_graphs:
-            _cache_compiled_graphs(config, packed)
+            _cache_compiled_graphs(config, packed, fixed_batch)
     return Classifier(net=net, config=config, preprocess=preprocess, class_names=class_names,
                       labels=readable_class_names(class_names, config.num_classes), source=source,
                       fixed_batch=fixed_batch)
@@ -202,15 +214,16 @@ def _pack(net) -> bool:
     return True
 
 
-def _cache_compiled_graphs(config: ViTConfig, packed: bool) -> None:
+def _cache_compiled_graphs(config: ViTConfig, packed: bool, fixed_batch: Optional[int]) -> None:
     """Keep this process's compiled graphs for the next run of the same command (`vit_ms.graph_cache`).
 
     Nothing has compiled yet: building a network does not compile it, its first call does. MindSpore
     files cached graphs by the order they were compiled in, so the key holds everything that changes which
     graphs a run compiles: the model, the execution mode, the script and the names of its options (infer.py
-    with --attention compiles a different first graph than without), and whether the weights are packed
-    (another kernel setting, the same graph otherwise). Option values (image paths, --top_k)
-    stay out of it: with the dynamic batch they compile the same graphs. A MINDIR is not cached: its
+    with --attention compiles a different first graph than without), whether the weights are packed
+    (another kernel setting, the same graph otherwise), and the batch size a fixed-batch graph is compiled
+    for. Option values (image paths, --top_k) stay out of it: with the dynamic batch, or the same fixed
+    one, they compile the same graphs. A MINDIR is not cached: its
     graph comes from the file, not from the vit_ms sources the key digests.
     """
     import sys
@@ -221,8 +234,8 @@ def _cache_compiled_graphs(config: ViTConfig, packed: bool) -> None:
         return  # PyNative compiles no whole-network graph
     argv = sys.argv or [""]
     options = sorted({arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")})
-    settings = {"model": config.to_dict(), "fixed_batch": None, "mode": "graph", "dynamic_batch": True,
-                "packed": packed,
+    settings = {"model": config.to_dict(), "fixed_batch": fixed_batch, "mode": "graph",
+                "dynamic_batch": fixed_batch is None, "packed": packed,
                 "device": ms.get_context("device_target"), "script": Path(argv[0]).name, "options": options}
     folder = graph_cache.enable("classify", settings)
     if folder is not None:
@@ -230,7 +243,7 @@ def _cache_compiled_graphs(config: ViTConfig, packed: bool) -> None:
 
 
 def run_batch(classifier: Classifier, images: np.ndarray) -> np.ndarray:
-    """Logits (B, C) for preprocessed images (B, 3, S, S); pads to a static MINDIR's fixed batch."""
+    """Logits (B, C) for preprocessed images (B, 3, S, S); pads to the classifier's fixed batch, if it has one."""
     n = images.shape[0]
     fixed = classifier.fixed_batch
     if fixed is None:
