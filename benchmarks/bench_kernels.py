@@ -14,12 +14,17 @@ is the median over the rounds of the mean time per call (microseconds); "A vs B"
     python benchmarks/bench_kernels.py --isas avx512 --library before=/tmp/old/vit_ms_kernels_avx512_....so
     python benchmarks/bench_kernels.py --preset vit_b_16 --copies 12 --kernels 'Linear qkv,Linear fc2' --onnxruntime
     python benchmarks/bench_kernels.py --preset vit_b_16 --copies 12 --kernels 'EncoderBlockErf,EncoderBlockErf packed'
+    python benchmarks/bench_kernels.py --preset vit_s_16 --copies 12 --kernels 'EncoderBlockErf packed' --onnxruntime
 
-With --onnxruntime the Dense rows (`Linear ...`) get one more column: the same x w^T + b as onnxruntime runs it
-(one session holding a MatMul + Add per input set, weights as initializers, so MLAS packs them once, as it does
-for a model's constant weights), alternating with the kernels in this process (onnxruntime's threads told not
-to spin after each run, which would take a core from the next kernel; `onnx` and `onnxruntime` are
-benchmark-time needs only).
+With --onnxruntime the Dense rows (`Linear ...`) and the whole-block rows (`EncoderBlockErf`) get one more
+column: the same work as onnxruntime runs it, alternating with the kernels in this process. A Dense row is a
+MatMul + Add on a constant weight (MLAS packs it once, as it does for a model's constant weights), its threads
+told not to spin after each run (which would take a core from the next kernel); a block row is the block's
+graph as PyTorch's ONNX export writes it (LayerNormalization, MatMul + Add, the heads by Reshape/Transpose/
+Split, Softmax, GELU from Erf), with onnxruntime's own spin between its ~30 nodes. One session per row holds
+every input set; the packed rows (`LinearPacked ...`, `... packed`) get their plain twin's session, the same
+weights. Each session's output is checked against the kernel's first. `onnx` and `onnxruntime` are
+benchmark-time needs only.
 """
 from __future__ import annotations
 
@@ -53,7 +58,11 @@ def kernel_cases(config, batch: int, seed: int = 0) -> list:
     w_qkv, w_proj = arr(3 * d, d, scale=d ** -0.5), arr(d, d, scale=d ** -0.5)
     w_fc1, w_fc2 = arr(mlp, d, scale=d ** -0.5), arr(d, mlp, scale=mlp ** -0.5)
     gamma, beta = 1 + arr(d, scale=0.1), arr(d, scale=0.1)
+    b_qkv, b_proj, b_fc1, b_fc2 = arr(3 * d), arr(d), arr(mlp), arr(d)  # shared by the plain and packed rows
     rows, hidden_rows = tokens.reshape(batch * n, d), hidden.reshape(batch * n, mlp)
+    settings = np.array([heads, 1e-6, hd ** -0.5], np.float32)
+    block = [tokens, gamma, beta, w_qkv, b_qkv, w_proj, b_proj, gamma, beta, w_fc1, b_fc1, w_fc2, b_fc2, settings]
+    packed_block = [pack(a) if a.ndim == 2 else a for a in block[:-1]] + [np.append(settings, 1).astype(np.float32)]
     return [
         ("LayerNorm", [tokens, gamma, beta, eps], [tokens.shape]),
         ("LayerNormGrad", [tokens, gamma, tokens, eps], [tokens.shape]),
@@ -65,24 +74,21 @@ def kernel_cases(config, batch: int, seed: int = 0) -> list:
         ("GeluErf", [hidden], [hidden.shape]),
         ("GeluErfGrad", [hidden, hidden], [hidden.shape]),
         # Dense kernels on 2-D rows (batch * tokens, features), which every build of the library takes.
-        ("Linear qkv", [rows, w_qkv, arr(3 * d)], [(batch * n, 3 * d)]),
-        ("Linear proj", [rows, w_proj, arr(d)], [(batch * n, d)]),
-        ("Linear fc1", [rows, w_fc1, arr(mlp)], [(batch * n, mlp)]),
-        ("Linear fc2", [hidden_rows, w_fc2, arr(d)], [(batch * n, d)]),
+        ("Linear qkv", [rows, w_qkv, b_qkv], [(batch * n, 3 * d)]),
+        ("Linear proj", [rows, w_proj, b_proj], [(batch * n, d)]),
+        ("Linear fc1", [rows, w_fc1, b_fc1], [(batch * n, mlp)]),
+        ("Linear fc2", [hidden_rows, w_fc2, b_fc2], [(batch * n, d)]),
         ("LinearGradInput fc1", [hidden_rows, w_fc1], [(batch * n, d)]),
         ("LinearGradWeight qkv", [np.ascontiguousarray(np.tile(rows, (1, 3))), rows], [(3 * d, d)]),
         ("LinearGradWeight fc1", [hidden_rows, rows], [(mlp, d)]),
         ("LinearGradWeight fc2", [rows, hidden_rows], [(d, mlp)]),
         # The whole eval block (block.cc: the kernels above in a row); with --copies set to the model's depth,
         # its time x depth is the encoder's share of an inference step with no graph around it.
-        ("EncoderBlockErf", [tokens, gamma, beta, w_qkv, arr(3 * d), w_proj, arr(d), gamma, beta, w_fc1, arr(mlp),
-                             w_fc2, arr(d), np.array([heads, 1e-6, hd ** -0.5], np.float32)], [tokens.shape]),
+        ("EncoderBlockErf", block, [tokens.shape]),
         # The same on weights packed for inference (vit_ms.packing; infer.py's small batches).
-        ("LinearPacked qkv", [rows, pack(w_qkv), arr(3 * d)], [(batch * n, 3 * d)]),
-        ("LinearPacked fc2", [hidden_rows, pack(w_fc2), arr(d)], [(batch * n, d)]),
-        ("EncoderBlockErf packed", [tokens, gamma, beta, pack(w_qkv), arr(3 * d), pack(w_proj), arr(d), gamma, beta,
-                                    pack(w_fc1), arr(mlp), pack(w_fc2), arr(d),
-                                    np.array([heads, 1e-6, hd ** -0.5, 1], np.float32)], [tokens.shape]),
+        ("LinearPacked qkv", [rows, pack(w_qkv), b_qkv], [(batch * n, 3 * d)]),
+        ("LinearPacked fc2", [hidden_rows, pack(w_fc2), b_fc2], [(batch * n, d)]),
+        ("EncoderBlockErf packed", packed_block, [tokens.shape]),
     ]
 
 
@@ -127,10 +133,11 @@ def _omp_threads() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
 
 
-class OnnxDense:
-    """x w^T + b for every input set in turn, as onnxruntime runs a model's Dense layer (MatMul + Add on a
-    constant weight, which its MLAS packs once at load): one session holding one MatMul + Add per input set,
-    so one thread pool, run one node at a time."""
+class OnnxRuntime:
+    """The same work as onnxruntime runs it, for the Dense rows and the whole-block rows: one session per row
+    holding one copy of the work per input set (so one thread pool, one node at a time), weights as
+    initializers, so that MLAS packs them once at load, as it does for a model's constant weights. A row on
+    packed weights (`LinearPacked ...`, `... packed`) gets the session of its plain twin: the same weights."""
 
     label = "onnxruntime"
 
@@ -140,36 +147,114 @@ class OnnxDense:
 
         self.threads, self.version = threads, onnxruntime.__version__
 
+    @staticmethod
+    def plain_row(name: str) -> str:
+        """The row holding the same weights unpacked ("LinearPacked qkv" -> "Linear qkv")."""
+        return name.replace("LinearPacked ", "Linear ").replace(" packed", "")
+
     def prepare_all(self, name: str, copies: list):
-        """One callable running every input set's Dense layer once, or None for a row that is not a Dense one."""
-        if not name.startswith("Linear ") or len(copies[0]) != 3:
-            return None
-        import onnxruntime as ort
+        """One callable running every input set's work once, or None for a row with no such twin here.
+        `copies`: the plain row's inputs per input set."""
         from onnx import TensorProto, helper, numpy_helper
 
-        # onnxruntime's threads: as many as the OpenMP team's, told not to spin after a run (a spinning thread
-        # took a core from the next kernel: vit_ms's Dense kernels measured 0.71-0.81x of their time with it)
+        if name.startswith("Linear ") and len(copies[0]) == 3:
+            build, spin = self._dense, False
+        elif name == "EncoderBlockErf":
+            build, spin = self._block, True
+        else:
+            return None
         nodes, weights, feeds, ins, outs = [], [], {}, [], []
-        for i, (x, w, b) in enumerate(copies):
-            nodes += [helper.make_node("MatMul", [f"x{i}", f"wt{i}"], [f"t{i}"]),
-                      helper.make_node("Add", [f"t{i}", f"b{i}"], [f"y{i}"])]
-            weights += [numpy_helper.from_array(np.ascontiguousarray(w.T), f"wt{i}"), numpy_helper.from_array(b, f"b{i}")]
+        for i, inputs in enumerate(copies):
+            x = inputs[0]
+            nodes_i, weights_i, out_shape = build(i, inputs, helper, numpy_helper)
+            nodes += nodes_i
+            weights += weights_i
             ins.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, list(x.shape)))
-            outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [x.shape[0], w.shape[0]]))
+            outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, list(out_shape)))
             feeds[f"x{i}"] = x
-        model = helper.make_model(helper.make_graph(nodes, "dense", ins, outs, weights),
+        model = helper.make_model(helper.make_graph(nodes, name.replace(" ", "_"), ins, outs, weights),
                                   opset_imports=[helper.make_opsetid("", 17)])
+        session = self._session(model.SerializeToString(), spin)
+        return session, feeds
+
+    def _session(self, model: bytes, spin: bool):
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        # a sanity check that the session computes this product (float32 sums in its own order)
-        expected = copies[0][0] @ copies[0][1].T + copies[0][2]
-        got = session.run(["y0"], feeds)[0]
-        if not np.allclose(got, expected, rtol=1e-4, atol=1e-3):
-            raise RuntimeError(f"onnxruntime's {name} disagrees with x w^T + b")
-        return lambda: session.run(None, feeds)
+        if not spin:
+            # told not to spin after a run: a spinning thread took a core from the next kernel (vit_ms's Dense
+            # kernels measured 0.71-0.81x of their time with it). A block's graph runs some 30 small nodes one
+            # after another, and without the spin between them its time grew by half (ViT-S b1): it spins.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def _dense(i, inputs, helper, numpy_helper):
+        x, w, b = inputs
+        nodes = [helper.make_node("MatMul", [f"x{i}", f"wt{i}"], [f"t{i}"]),
+                 helper.make_node("Add", [f"t{i}", f"b{i}"], [f"y{i}"])]
+        weights = [numpy_helper.from_array(np.ascontiguousarray(w.T), f"wt{i}"), numpy_helper.from_array(b, f"b{i}")]
+        return nodes, weights, (x.shape[0], w.shape[0])
+
+    @staticmethod
+    def _block(i, inputs, helper, numpy_helper):
+        """The eval block as PyTorch's ONNX export writes it (LayerNormalization, MatMul + Add, heads by
+        Reshape/Transpose/Split, Softmax, GELU from Erf, which onnxruntime fuses into its Gelu)."""
+        x, g1, b1, w_qkv, b_qkv, w_proj, b_proj, g2, b2, w_fc1, b_fc1, w_fc2, b_fc2, settings = inputs
+        batch, n, d = x.shape
+        heads, eps, scale = int(settings[0]), float(settings[1]), float(settings[2])
+        hd = d // heads
+        consts = {"g1": g1, "b1": b1, "wqkv": w_qkv.T, "bqkv": b_qkv, "wproj": w_proj.T, "bproj": b_proj,
+                  "g2": g2, "b2": b2, "wfc1": w_fc1.T, "bfc1": b_fc1, "wfc2": w_fc2.T, "bfc2": b_fc2,
+                  "heads_shape": np.array([batch, n, 3, heads, hd], np.int64),
+                  "merged_shape": np.array([batch, n, d], np.int64), "split": np.array([1, 1, 1], np.int64),
+                  "axis0": np.array([0], np.int64), "scale": np.array(scale, np.float32),
+                  "sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
+                  "half": np.array(0.5, np.float32)}
+        def t(name):  # this input set's tensor names: x0, y0 (the graph's input and output), ln1_0, ...
+            return f"{name}{i}" if name in ("x", "y") else f"{name}_{i}"
+
+        weights = [numpy_helper.from_array(np.ascontiguousarray(v), t(k)) for k, v in consts.items()]
+        node = helper.make_node
+        nodes = [
+            node("LayerNormalization", [t("x"), t("g1"), t("b1")], [t("ln1")], axis=-1, epsilon=eps),
+            node("MatMul", [t("ln1"), t("wqkv")], [t("qkv0")]), node("Add", [t("qkv0"), t("bqkv")], [t("qkv")]),
+            node("Reshape", [t("qkv"), t("heads_shape")], [t("qkv5")]),
+            node("Transpose", [t("qkv5")], [t("qkvt")], perm=[2, 0, 3, 1, 4]),  # (3, B, heads, N, hd)
+            node("Split", [t("qkvt"), t("split")], [t("q1"), t("k1"), t("v1")], axis=0),
+            node("Squeeze", [t("q1"), t("axis0")], [t("q")]), node("Squeeze", [t("k1"), t("axis0")], [t("k")]),
+            node("Squeeze", [t("v1"), t("axis0")], [t("v")]),
+            node("Transpose", [t("k")], [t("kt")], perm=[0, 1, 3, 2]),
+            node("MatMul", [t("q"), t("kt")], [t("s0")]), node("Mul", [t("s0"), t("scale")], [t("s")]),
+            node("Softmax", [t("s")], [t("p")], axis=-1),
+            node("MatMul", [t("p"), t("v")], [t("o")]),
+            node("Transpose", [t("o")], [t("ot")], perm=[0, 2, 1, 3]),
+            node("Reshape", [t("ot"), t("merged_shape")], [t("att")]),
+            node("MatMul", [t("att"), t("wproj")], [t("pr0")]), node("Add", [t("pr0"), t("bproj")], [t("pr")]),
+            node("Add", [t("x"), t("pr")], [t("z")]),
+            node("LayerNormalization", [t("z"), t("g2"), t("b2")], [t("ln2")], axis=-1, epsilon=eps),
+            node("MatMul", [t("ln2"), t("wfc1")], [t("h0")]), node("Add", [t("h0"), t("bfc1")], [t("h")]),
+            node("Div", [t("h"), t("sqrt2")], [t("hs")]), node("Erf", [t("hs")], [t("he")]),
+            node("Add", [t("he"), t("one")], [t("h1")]), node("Mul", [t("h"), t("h1")], [t("hh")]),
+            node("Mul", [t("hh"), t("half")], [t("g")]),
+            node("MatMul", [t("g"), t("wfc2")], [t("f0")]), node("Add", [t("f0"), t("bfc2")], [t("f")]),
+            node("Add", [t("z"), t("f")], [t("y")]),
+        ]
+        return nodes, weights, x.shape
+
+
+def check_onnxruntime(name: str, session, feeds: dict, calls: dict, output_shapes) -> None:
+    """onnxruntime's first output against this checkout's kernel on the same inputs: a sanity check that the
+    session computes the row's work (float32 sums in their own orders, hence the loose tolerance)."""
+    got = session.run(["y0"], feeds)[0]
+    ours = next(iter(calls.values()))[0]
+    ours()
+    expected = ours._keep[0][-len(output_shapes)]
+    if not np.allclose(got, expected, rtol=1e-4, atol=1e-3):
+        raise RuntimeError(f"onnxruntime's {name} disagrees with the kernel (max |diff| "
+                           f"{np.abs(got - expected).max():.3g})")
 
 
 def time_call(calls, iters: int) -> float:
@@ -197,7 +282,7 @@ def main(argv=None):
                    help="distinct input and weight sets, called in turn (default 1: the same, cache-resident "
                         "data every call; a model's depth, e.g. 12, is closer to what a step sees)")
     p.add_argument("--onnxruntime", action="store_true",
-                   help="add onnxruntime's MatMul + Add (weights packed once) beside the Dense rows, in this process")
+                   help="add onnxruntime's time for the same work beside the Dense and whole-block rows, in this process")
     args = p.parse_args(argv)
 
     from vit_ms import ops as kernels
@@ -210,17 +295,17 @@ def main(argv=None):
             p.error(f"--library {value}: no such file {path}")
         libraries[label or Path(path).stem] = Library(path)
     config = get_config(args.preset)
-    onnx_dense = None
+    onnx_runtime = None
     if args.onnxruntime:
         try:
-            onnx_dense = OnnxDense(threads=_omp_threads())
+            onnx_runtime = OnnxRuntime(threads=_omp_threads())
         except ImportError as err:
             p.error(f"--onnxruntime needs the onnx and onnxruntime packages (pip install onnx onnxruntime): {err}")
-    labels = list(libraries) + ([OnnxDense.label] if onnx_dense else [])
+    labels = list(libraries) + ([OnnxRuntime.label] if onnx_runtime else [])
     print(f"{args.preset}, batch {args.batch}, {args.copies} input set(s) in turn: microseconds per call, "
           f"median of {args.rounds} rounds "
           f"({', '.join(f'{k}: {Path(v.path).name}' for k, v in libraries.items())}"
-          f"{f', onnxruntime {onnx_dense.version}, {onnx_dense.threads} threads' if onnx_dense else ''})\n")
+          f"{f', onnxruntime {onnx_runtime.version}, {onnx_runtime.threads} threads' if onnx_runtime else ''})\n")
     columns = ["kernel", *labels, *(f"{labels[0]} vs {k}" for k in labels[1:])]
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
@@ -236,11 +321,14 @@ def main(argv=None):
         calls = {label: [lib.prepare(name, copy[index][1], outputs) for copy in cases]
                  for label, lib in libraries.items()}
         calls = {label: label_calls for label, label_calls in calls.items() if None not in label_calls}
-        if onnx_dense is not None:
-            run_all = onnx_dense.prepare_all(name, [copy[index][1] for copy in cases])
-            if run_all is not None:
+        if onnx_runtime is not None:
+            twin = names.index(OnnxRuntime.plain_row(name)) if OnnxRuntime.plain_row(name) in names else index
+            prepared = onnx_runtime.prepare_all(cases[0][twin][0], [copy[twin][1] for copy in cases])
+            if prepared is not None:
+                session, feeds = prepared
+                check_onnxruntime(name, session, feeds, calls, cases[0][index][2])
                 # one session.run covers every input set: counted as that many calls
-                calls[OnnxDense.label] = [run_all] + [lambda: None] * (len(cases) - 1)
+                calls[OnnxRuntime.label] = [lambda: session.run(None, feeds)] + [lambda: None] * (len(cases) - 1)
         iters = {}
         for label, label_calls in calls.items():
             time_call(label_calls, 1)  # first touch of the outputs, the library's one-time setup
