@@ -122,8 +122,9 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
             the network cannot be packed (a MINDIR, MindSpore's own ops, widths not multiples of 16).
         batch_size: compile the graph for this one batch size, where the caller knows every batch has it
             (`run_batch` pads a shorter one), instead of for any batch size. A graph with a dynamic batch
-            infers every op's output shape again at each call: ~2-3 ms per step, a tenth of a ViT-Ti/16
-            batch-1 step (README, "Round 30"). None (the default): any batch size, one compile for all.
+            infers every op's output shape again at each call: ViT-Ti/16 and ViT-S/16 batch-1 inference ran
+            1.11x and 1.23x as fast on the fixed batch (README, "Round 30"). None (the default): any batch
+            size, one compile for all.
             Graph mode only (PyNative compiles nothing); a MINDIR keeps the batch it was exported with.
 
     Raises:
