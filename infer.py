@@ -80,12 +80,14 @@ def main(argv=None) -> int:
     # weights for inference (vit_ms.packing) pays where every batch is small, not at 16; attention maps need
     # the plain weights, and a MINDIR holds its own graph.
     paths, missing = find_images(args.input)
-    pack = not (args.attention or args.mindir) and min(args.batch_size, len(paths)) <= SMALL_BATCH
-    # Where every batch has the same size (one batch, or a count the batch size divides), a graph compiled
+    largest = min(args.batch_size, len(paths))  # the largest batch this run makes
+    pack = not (args.attention or args.mindir) and largest <= SMALL_BATCH
+    # Where every batch has the same small size (one batch, or a count the batch size divides), a graph compiled
     # for that size skips the dynamic batch's shape work at every step (ViT-Ti/16 and ViT-S/16 batch 1: 1.11x and
-    # 1.23x the images/s, README round 30).
-    same_size = len(paths) <= args.batch_size or len(paths) % args.batch_size == 0
-    batch_size = min(args.batch_size, len(paths)) if paths and same_size else None
+    # 1.23x the images/s, README round 30). Small only: each size is a graph of its own to compile and cache, and
+    # a batch-16 step hardly notices the shape work.
+    one_size = len(paths) <= args.batch_size or len(paths) % args.batch_size == 0
+    batch_size = largest if paths and one_size and largest <= SMALL_BATCH else None
     try:
         classifier = load_classifier(args.checkpoint, mindir=args.mindir, model=args.model,
                                      pretrained=args.pretrained, num_classes=args.num_classes,

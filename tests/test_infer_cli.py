@@ -190,17 +190,20 @@ def test_mindir_and_checkpoint_agree_on_every_image(workdir, from_checkpoint):
                                        "reason": "no such file, folder or matching pattern"}] + from_checkpoint["skipped"]
 
 
-@pytest.mark.parametrize("batch_size", [2, 3])
+@pytest.mark.parametrize("batch_size", [2, 3, 9])
 def test_small_batches_pack_the_weights_and_predict_the_same(workdir, from_checkpoint, batch_size):
     """With batches of at most 4 images and no --attention, infer.py packs the weights for inference
     (vit_ms.packing); the fixture's run (--attention, batches of 16) keeps them plain: the same classes,
     probabilities within float32 rounding (the packed logits' own bound is checked in test_packing.py; 1e-5
     as for the MINDIR below). The folder's 9 image files (one broken) make batches of one size at 3 (3, 3,
-    and 2 good ones padded to 3): one graph for that size; at 2 the last batch is shorter: a dynamic batch."""
+    and 2 good ones padded to 3): one graph for that size; at 2 the last batch is shorter: a dynamic batch;
+    at 9, one batch of 9: too large for either, plain weights and the dynamic batch."""
     run = run_cli("infer.py", "--checkpoint", workdir / "tiny.ckpt", "--input", workdir / "my images",
                   "--top_k", 3, "--json", "--batch_size", batch_size, cwd=workdir)
     assert run.returncode == 0, run.stderr
-    if os.environ.get("VIT_MS_FUSED_KERNELS", "1") == "0":  # MindSpore's own ops: nothing to pack; it says why
+    if batch_size > 4:
+        assert "packed for inference" not in run.stderr
+    elif os.environ.get("VIT_MS_FUSED_KERNELS", "1") == "0":  # MindSpore's own ops: nothing to pack; it says why
         assert "weights not packed for inference: the network runs MindSpore's own ops" in run.stderr
     else:
         assert "weights packed for inference (2 blocks)" in run.stderr

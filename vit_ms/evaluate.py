@@ -124,14 +124,16 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
             (`run_batch` pads a shorter one), instead of for any batch size. A graph with a dynamic batch
             infers every op's output shape again at each call: ViT-Ti/16 and ViT-S/16 batch-1 inference ran
             1.11x and 1.23x as fast on the fixed batch (README, "Round 30"). None (the default): any batch
-            size, one compile for all.
-            Graph mode only (PyNative compiles nothing); a MINDIR keeps the batch it was exported with.
+            size, one compile for all. Graph mode only (PyNative compiles nothing); a MINDIR keeps the batch
+            it was exported with.
 
     Raises:
         FileNotFoundError: naming the file that is missing (the model file before its sidecar).
     """
     if sum(x is not None for x in (checkpoint, mindir, model)) != 1:
         raise ValueError("give exactly one of checkpoint, mindir, or model (with pretrained)")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     fixed_batch = None
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
@@ -187,8 +189,6 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
     packed = pack_weights and _pack(net)
     if fixed_batch is None and not isinstance(net, nn.GraphCell):
         if batch_size is not None and ms.get_context("mode") == ms.GRAPH_MODE:
-            if batch_size < 1:
-                raise ValueError(f"batch_size must be positive, got {batch_size}")
             fixed_batch = batch_size  # graph mode compiles for the shape of the first call
             logger.info("one graph for batches of %d image%s (a shorter batch is padded)", batch_size,
                         "" if batch_size == 1 else "s")
