@@ -213,6 +213,7 @@ class OnnxRuntime:
                   "axis0": np.array([0], np.int64), "scale": np.array(scale, np.float32),
                   "sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
                   "half": np.array(0.5, np.float32)}
+
         def t(name):  # this input set's tensor names: x0, y0 (the graph's input and output), ln1_0, ...
             return f"{name}{i}" if name in ("x", "y") else f"{name}_{i}"
 
@@ -321,7 +322,7 @@ def main(argv=None):
         calls = {label: [lib.prepare(name, copy[index][1], outputs) for copy in cases]
                  for label, lib in libraries.items()}
         calls = {label: label_calls for label, label_calls in calls.items() if None not in label_calls}
-        if onnx_runtime is not None:
+        if onnx_runtime is not None and calls:  # (a row no library here has: nothing to check it against)
             twin = names.index(OnnxRuntime.plain_row(name)) if OnnxRuntime.plain_row(name) in names else index
             prepared = onnx_runtime.prepare_all(cases[0][twin][0], [copy[twin][1] for copy in cases])
             if prepared is not None:
