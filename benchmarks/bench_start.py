@@ -49,7 +49,8 @@ from vit_ms.evaluate import load_classifier
 t_import = time.time()
 ms.set_device("CPU")
 ms.set_context(mode=ms.GRAPH_MODE)
-classifier = load_classifier(ckpt, cache_graphs=True)  # as eval.py and infer.py load: graph cache on
+# as infer.py loads for one image: graph cache on, weights packed, a graph for batches of 1
+classifier = load_classifier(ckpt, cache_graphs=True, pack_weights=True, batch_size=1)
 t_built = time.time()
 x = ms.Tensor(preprocess_image(load_image(image), classifier.preprocess)[None])
 t = time.time()

@@ -190,8 +190,8 @@ def load_classifier(checkpoint=None, *, mindir=None, model: Optional[str] = None
     if fixed_batch is None and not isinstance(net, nn.GraphCell):
         if batch_size is not None and ms.get_context("mode") == ms.GRAPH_MODE:
             fixed_batch = batch_size  # graph mode compiles for the shape of the first call
-            logger.info("one graph for batches of %d image%s (a shorter batch is padded)", batch_size,
-                        "" if batch_size == 1 else "s")
+            logger.info("one graph for batches of %s", "1 image" if batch_size == 1 else
+                        f"{batch_size} images (a shorter batch is padded)")
         else:
             from .model import set_dynamic_batch
 
