@@ -136,6 +136,23 @@ def test_dense_kernel_on_a_packed_weight_is_x_wt_plus_b(isa, mode):
                        f"packed product {rows} x {k} x {n}")
 
 
+def test_every_variant_gives_the_same_packed_product_bit_for_bit():
+    """The packed GEMM's micro-kernels differ by variant (csrc/packed.cc: two 16-column panels at once in
+    ZMM registers in the AVX-512 library, one in YMM registers otherwise), but every lane adds the same
+    FMA products in the same k order, so on a CPU with FMA every variant it runs returns the same floats:
+    48 columns take a pair of panels and a single one, 430 rows more than one row block."""
+    from vit_ms.packing import pack_dense_weight
+
+    variants = [isa for isa in kernels.cpu_isas() if kernels.linear_packed(isa) is not None]
+    assert len(variants) >= 2, f"this test needs two kernel variants; this CPU runs {variants}"
+    for rows, k, n in ((37, 300, 48), (430, 40, 32), (5, 520, 80)):
+        x, w, b = _normal(rows, k), _normal(n, k, seed=1), _normal(n, seed=2)
+        args = ms.Tensor(x), ms.Tensor(pack_dense_weight(w)), ms.Tensor(b)
+        outs = {isa: kernels.linear_packed(isa)(*args).asnumpy() for isa in variants}
+        for isa in variants[1:]:
+            np.testing.assert_array_equal(outs[isa], outs[variants[0]], f"{isa} vs {variants[0]}, {rows} x {k} x {n}")
+
+
 @pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
 def test_dense_kernel_with_gelu_is_gelu_of_x_wt_plus_b(isa, approximate):
     """Eval's fc1 + GELU in one kernel, rows split over the threads (37) and, with a weight beyond L2,

@@ -2,18 +2,20 @@
 // with w already in the layout below. oneDNN's sgemm packs its operands again at every call; onnxruntime's
 // MLAS packs a model's constant weights once, and its products took 9-14 % less time than vit_ms's at
 // ViT-B/16 batch 1 in one process (README, round 29). The micro-kernel is MLAS's shape: 6 rows of x
-// (broadcast) by 16 output columns (two AVX registers of the packed weight), FMA, up to 256 deep; the order
-// of work is GotoBLAS's: a block of x's rows packed into L2, each 16-column panel of the weight (16 KB) in
-// L1 for all of them. MLAS's order (a 128-column block of the weight in L2, every row streamed past it)
-// was as fast at batch 1 but made a ViT-S/16 batch-16 step 0.81-0.86x as fast as on oneDNN's sgemm,
-// re-reading x and y from L3.
+// (broadcast) by 16 output columns (two AVX registers of the packed weight), FMA, up to 256 deep; in the
+// AVX-512 library 6 rows by 32 columns (two panels, two ZMM registers: the same instructions do twice the
+// work). The order of work is GotoBLAS's: a block of x's rows packed into L2, each 16-column panel of the
+// weight (16 KB) in L1 for all of them. MLAS's order (a 128-column block of the weight in L2, every row
+// streamed past it) was as fast at batch 1 but made a ViT-S/16 batch-16 step 0.81-0.86x as fast as on
+// oneDNN's sgemm, re-reading x and y from L3.
 //
 // The packed layout of a weight w (n, k), n a multiple of 16: for each block of kPackK values of k (the
 // last one shorter, kc deep), for each panel of 16 output columns, the block's kc rows of 16 floats: w[16 p
 // + j, k0 + i] is at k0 n + 16 p kc + 16 i + j. vit_ms/packing.py writes it (`pack_dense_weight`).
 //
 // Each output element is its bias (and residual) plus the sums of its k blocks in ascending order, each
-// block's products added up in k order with FMA: the same order at every batch size and thread count.
+// block's products added up in k order with FMA: the same order at every batch size and thread count, and
+// with every micro-kernel (each variant of the library returns the same floats on a CPU with FMA).
 #include "common.h"
 
 #include <immintrin.h>
@@ -72,11 +74,55 @@ static const panel_fn kPanelFma[6] = {panel_fma<1>, panel_fma<2>, panel_fma<3>,
 static const panel_fn kPanelPlain[6] = {panel_plain<1>, panel_plain<2>, panel_plain<3>,
                                         panel_plain<4>, panel_plain<5>, panel_plain<6>};
 
-// The micro-kernels this CPU runs (every variant of the library may load on a CPU with AVX2 and FMA).
-static const panel_fn *panels() {
-  static const panel_fn *table =
+#if defined(__AVX512F__)
+// The AVX-512 library's micro-kernel: two panels side by side (32 output columns, two ZMM registers), so each
+// broadcast of x feeds two 16-wide FMAs, as each fed two 8-wide ones above; twice the work per instruction.
+// Every lane does what panel_fma's does (the same FMAs in the same k order): the sums are bit for bit the
+// same. The next panel of a k block starts 16 kc floats on.
+template <int MR>
+static void panel_pair_avx512(int64_t kc, const float *xp, const float *p, float *c, int64_t ldc) {
+  __m512 acc[MR][2];
+  const float *q = p + 16 * kc;
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc + 31), _MM_HINT_T0);
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 p0 = _mm512_loadu_ps(p + 16 * k), p1 = _mm512_loadu_ps(q + 16 * k);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xi = _mm512_set1_ps(xp[6 * k + i]);
+      acc[i][0] = _mm512_fmadd_ps(xi, p0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xi, p1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    float *ci = c + i * ldc;
+    _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), acc[i][0]));
+    _mm512_storeu_ps(ci + 16, _mm512_add_ps(_mm512_loadu_ps(ci + 16), acc[i][1]));
+  }
+}
+static const panel_fn kPanelPairAvx512[6] = {panel_pair_avx512<1>, panel_pair_avx512<2>, panel_pair_avx512<3>,
+                                             panel_pair_avx512<4>, panel_pair_avx512<5>, panel_pair_avx512<6>};
+#endif
+
+// The micro-kernels this CPU runs: `one` for a panel of 16 columns (every variant of the library may load on
+// a CPU with AVX2 and FMA), `pair` for two panels at once where this library has such a kernel (else null).
+struct Panels {
+  const panel_fn *one, *pair;
+};
+static Panels panels() {
+  static const panel_fn *one =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? kPanelFma : kPanelPlain;
-  return table;
+#if defined(__AVX512F__)
+  return {one, kPanelPairAvx512};  // this library loads only on a CPU with AVX-512F (builder.py)
+#else
+  return {one, nullptr};
+#endif
 }
 
 // c (rows, n) += x (rows, k) w^T for w packed, on the calling thread; false if its buffer cannot be had.
@@ -90,7 +136,7 @@ static bool packed_product(const float *x, const float *wp, float *c, int64_t ro
     }
   }
   float *xp = buffer.data();
-  const panel_fn *panel = panels();
+  const Panels panel = panels();
   for (int64_t k0 = 0; k0 < k; k0 += kPackK) {
     const int64_t kc = k - k0 < kPackK ? k - k0 : kPackK;
     const float *block = wp + k0 * n;  // the weight's k block: n / 16 panels of kc x 16
@@ -106,11 +152,15 @@ static bool packed_product(const float *x, const float *wp, float *c, int64_t ro
           for (int64_t j = 0; j < kc; ++j) dst[6 * j + i] = src[j];
         }
       }
-      for (int64_t col = 0; col < n; col += 16)
+      for (int64_t col = 0; col < n;) {
+        const bool two = panel.pair != nullptr && col + 32 <= n;
+        const panel_fn *fn = two ? panel.pair : panel.one;
         for (int64_t g = 0; g < mb; g += 6) {
           const int64_t mr = mb - g < 6 ? mb - g : 6;
-          panel[mr - 1](kc, xp + g * kc, block + col * kc, c + (r0 + g) * n + col, n);
+          fn[mr - 1](kc, xp + g * kc, block + col * kc, c + (r0 + g) * n + col, n);
         }
+        col += two ? 32 : 16;
+      }
     }
   }
   return true;
