@@ -25,35 +25,54 @@
 static const int64_t kPackK = 256;   // k per block: a weight panel is 16 KB, in L1
 static const int64_t kPackRows = 192;  // x rows per block (multiple of 6): 192 KB of packed x, in L2
 
-// c[i, 0:16] += sum_k xp[k, i] p[k, 0:16] for i < MR, k < kc: xp holds kc rows of 6 floats (x's rows
-// packed), p one panel of the packed weight, c rows ldc apart.
-template <int MR>
-__attribute__((target("avx2,fma"))) static void panel_fma(int64_t kc, const float *xp, const float *p, float *c,
-                                                           int64_t ldc) {
-  __m256 acc[MR][2];
+// The FMA micro-kernels, one template over the vector width: c[i, 0:2W] += sum_k xp[k, i] [a[k, 0:W],
+// b[k, 0:W]] for i < MR, k < kc, where xp holds kc rows of 6 floats (x's rows packed), a and b are two
+// W-wide column strips of the packed weight, 16 floats from one k to the next, and c's rows are ldc apart.
+// Each lane adds its products in k order with FMA, whatever W is.
+#define VIT_MS_FMA __attribute__((target("avx2,fma"), always_inline)) static inline
+struct Ymm {  // AVX2: 8 floats
+  typedef __m256 reg;
+  static const int width = 8;
+  VIT_MS_FMA reg zero() { return _mm256_setzero_ps(); }
+  VIT_MS_FMA reg load(const float *p) { return _mm256_loadu_ps(p); }
+  VIT_MS_FMA reg broadcast(const float *p) { return _mm256_broadcast_ss(p); }
+  VIT_MS_FMA reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  VIT_MS_FMA void add_to(float *p, reg a) { _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), a)); }
+};
+
+template <class V, int MR>
+__attribute__((target("avx2,fma"))) static inline void panel_simd(int64_t kc, const float *xp, const float *a,
+                                                                  const float *b, float *c, int64_t ldc) {
+  typename V::reg acc[MR][2];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
-    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    acc[i][0] = acc[i][1] = V::zero();
     // c's rows are read at the end: fetched now, they arrive while the products run
     _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc + 15), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc + 2 * V::width - 1), _MM_HINT_T0);
   }
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
-    const __m256 p0 = _mm256_loadu_ps(p + 16 * k), p1 = _mm256_loadu_ps(p + 16 * k + 8);
+    const typename V::reg a_k = V::load(a + 16 * k), b_k = V::load(b + 16 * k);
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
-      const __m256 xi = _mm256_broadcast_ss(xp + 6 * k + i);
-      acc[i][0] = _mm256_fmadd_ps(xi, p0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(xi, p1, acc[i][1]);
+      const typename V::reg xi = V::broadcast(xp + 6 * k + i);
+      acc[i][0] = V::fma(xi, a_k, acc[i][0]);
+      acc[i][1] = V::fma(xi, b_k, acc[i][1]);
     }
   }
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
-    float *ci = c + i * ldc;
-    _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), acc[i][0]));
-    _mm256_storeu_ps(ci + 8, _mm256_add_ps(_mm256_loadu_ps(ci + 8), acc[i][1]));
+    V::add_to(c + i * ldc, acc[i][0]);
+    V::add_to(c + i * ldc + V::width, acc[i][1]);
   }
+}
+
+// One 16-column panel p, its two halves in YMM registers.
+template <int MR>
+__attribute__((target("avx2,fma"))) static void panel_fma(int64_t kc, const float *xp, const float *p, float *c,
+                                                           int64_t ldc) {
+  panel_simd<Ymm, MR>(kc, xp, p, p + 8, c, ldc);
 }
 
 // The same sums for CPUs without AVX2 and FMA (each product rounded before it is added: another float32
@@ -75,36 +94,23 @@ static const panel_fn kPanelPlain[6] = {panel_plain<1>, panel_plain<2>, panel_pl
                                         panel_plain<4>, panel_plain<5>, panel_plain<6>};
 
 #if defined(__AVX512F__)
-// The AVX-512 library's micro-kernel: two panels side by side (32 output columns, two ZMM registers), so each
-// broadcast of x feeds two 16-wide FMAs, as each fed two 8-wide ones above; twice the work per instruction.
-// Every lane does what panel_fma's does (the same FMAs in the same k order): the sums are bit for bit the
-// same. The next panel of a k block starts 16 kc floats on.
+// The AVX-512 library's micro-kernel: two panels side by side (32 output columns), one ZMM register each, so
+// each broadcast of x feeds two 16-wide FMAs where panel_fma's feed two 8-wide ones: twice the work per
+// instruction, and in every lane the same FMAs in the same k order, so the same floats. The next panel of a k
+// block starts 16 kc floats on.
+struct Zmm {  // AVX-512F: 16 floats (this library is compiled for it)
+  typedef __m512 reg;
+  static const int width = 16;
+  static inline reg zero() { return _mm512_setzero_ps(); }
+  static inline reg load(const float *p) { return _mm512_loadu_ps(p); }
+  static inline reg broadcast(const float *p) { return _mm512_set1_ps(*p); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline void add_to(float *p, reg a) { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), a)); }
+};
+
 template <int MR>
-static void panel_pair_avx512(int64_t kc, const float *xp, const float *p, float *c, int64_t ldc) {
-  __m512 acc[MR][2];
-  const float *q = p + 16 * kc;
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char *>(c + i * ldc + 31), _MM_HINT_T0);
-  }
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 p0 = _mm512_loadu_ps(p + 16 * k), p1 = _mm512_loadu_ps(q + 16 * k);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xi = _mm512_set1_ps(xp[6 * k + i]);
-      acc[i][0] = _mm512_fmadd_ps(xi, p0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(xi, p1, acc[i][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    float *ci = c + i * ldc;
-    _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), acc[i][0]));
-    _mm512_storeu_ps(ci + 16, _mm512_add_ps(_mm512_loadu_ps(ci + 16), acc[i][1]));
-  }
+__attribute__((target("avx2,fma"))) static void panel_pair_avx512(int64_t kc, const float *xp, const float *p, float *c, int64_t ldc) {
+  panel_simd<Zmm, MR>(kc, xp, p, p + 16 * kc, c, ldc);
 }
 static const panel_fn kPanelPairAvx512[6] = {panel_pair_avx512<1>, panel_pair_avx512<2>, panel_pair_avx512<3>,
                                              panel_pair_avx512<4>, panel_pair_avx512<5>, panel_pair_avx512<6>};
