@@ -323,11 +323,11 @@ def main(argv=None):
                  for label, lib in libraries.items()}
         calls = {label: label_calls for label, label_calls in calls.items() if None not in label_calls}
         if onnx_runtime is not None and calls:  # (a row no library here has: nothing to check it against)
-            twin = names.index(OnnxRuntime.plain_row(name)) if OnnxRuntime.plain_row(name) in names else index
-            prepared = onnx_runtime.prepare_all(cases[0][twin][0], [copy[twin][1] for copy in cases])
+            twin = OnnxRuntime.plain_row(name)  # every packed row has its plain twin in kernel_cases
+            prepared = onnx_runtime.prepare_all(twin, [copy[names.index(twin)][1] for copy in cases])
             if prepared is not None:
                 session, feeds = prepared
-                check_onnxruntime(name, session, feeds, calls, cases[0][index][2])
+                check_onnxruntime(name, session, feeds, calls, outputs)
                 # one session.run covers every input set: counted as that many calls
                 calls[OnnxRuntime.label] = [lambda: session.run(None, feeds)] + [lambda: None] * (len(cases) - 1)
         iters = {}

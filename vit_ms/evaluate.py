@@ -235,8 +235,7 @@ def _cache_compiled_graphs(config: ViTConfig, packed: bool, fixed_batch: Optiona
         return  # PyNative compiles no whole-network graph
     argv = sys.argv or [""]
     options = sorted({arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")})
-    settings = {"model": config.to_dict(), "fixed_batch": fixed_batch, "mode": "graph",
-                "dynamic_batch": fixed_batch is None, "packed": packed,
+    settings = {"model": config.to_dict(), "fixed_batch": fixed_batch, "mode": "graph", "packed": packed,
                 "device": ms.get_context("device_target"), "script": Path(argv[0]).name, "options": options}
     folder = graph_cache.enable("classify", settings)
     if folder is not None:
