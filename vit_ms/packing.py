@@ -39,8 +39,12 @@ def pack_dense_weight(w: np.ndarray) -> np.ndarray:
     n, k = w.shape
     if n % 16:
         raise ValueError(f"a packed weight needs a multiple of 16 rows (output features), not {n}")
-    blocks = [w[:, k0:k0 + PACK_K].reshape(n // 16, 16, -1).transpose(0, 2, 1).ravel() for k0 in range(0, k, PACK_K)]
-    return np.concatenate(blocks).reshape(n, k)
+    packed = np.empty(n * k, np.float32)  # written once: every copy of a fresh array pays its page faults
+    for k0 in range(0, k, PACK_K):
+        kc = min(PACK_K, k - k0)
+        packed[k0 * n:(k0 + kc) * n].reshape(n // 16, kc, 16)[...] = \
+            w[:, k0:k0 + kc].reshape(n // 16, 16, kc).transpose(0, 2, 1)
+    return packed.reshape(n, k)
 
 
 def why_not_packable(net) -> Optional[str]:
@@ -77,7 +81,7 @@ def pack_for_inference(net):
     for block in net.blocks:
         for dense in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
             weight = dense.weight
-            weight.set_data(ms.Tensor(pack_dense_weight(weight.asnumpy())))
+            weight.set_data(ms.Tensor.from_numpy(pack_dense_weight(weight.asnumpy())))  # a fresh array: no copy
             weight.name = weight.name + SUFFIX
             weight.requires_grad = False
         block.one_kernel = encoder_block(net.config, fused=True, packed=True)

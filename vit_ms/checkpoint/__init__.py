@@ -13,7 +13,8 @@ came from:
 4. `load_weights(net, path)` (`loading`): validate every tensor, drop a head with another class count,
    resample the position embedding (`posembed`), and only then assign: a bad file changes nothing.
 
-Modules: `format` (our file: metadata, save, integrity), `readers`, `formats/` (one module per naming
+Modules: `format` (our file: metadata, save, integrity), `readers`, `ckpt_file` (MindSpore's `.ckpt`
+read without MindSpore's Python protobuf parser), `formats/` (one module per naming
 scheme, registered in the table `formats.FORMATS`), `naming`, `posembed`, `loading`, `conversion`
 (convert.py's file-to-file conversion and the export back to timm / HF), `zoo` (named downloadable
 weights; `python -m vit_ms.checkpoint list`).

@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .ckpt_file import read_ckpt
 from .format import META_KEY, CheckpointError, parse_metadata, verify_integrity
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def unreadable(path, error) -> CheckpointError:
                            f"Download or save it again.")
 
 
-def read_params(path) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
+def read_params(path, verify: bool = True) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
     """Read a weights file into ({name: numpy array}, vit_ms metadata or None), names unchanged.
 
     A vit_ms checkpoint's tensors are checked against its integrity record; a training checkpoint's
@@ -72,6 +73,8 @@ def read_params(path) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
 
     Args:
         path: the weights file (its suffix selects the reader) or a `save_pretrained` folder.
+        verify: False leaves the integrity check to the caller, who must run it (`format.integrity_checked`)
+            before the tensors are used.
     """
     path = check_file(path)
     suffix = path.suffix.lower()
@@ -97,21 +100,23 @@ def read_params(path) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
         raise unreadable(path, error) from error
     if not params:
         raise CheckpointError(f"{path} holds no tensors")
-    if meta is not None:
+    if meta is not None and verify:
         verify_integrity(path, params, meta)
     return params, meta
 
 
 def _read_ckpt(path: Path):
-    import mindspore as ms
+    raw = read_ckpt(path)
+    if raw is None:  # not a plain checkpoint (ckpt_file's docstring): MindSpore reads it, or says why not
+        import mindspore as ms
 
-    raw = ms.load_checkpoint(str(path))
+        raw = ms.load_checkpoint(str(path))
     meta = parse_metadata(path, raw.pop(META_KEY)) if META_KEY in raw else None
     params = {}
     for name, value in raw.items():
         if isinstance(value, str):  # other append_dict strings carry no weights
             continue
-        params[name] = value.asnumpy()
+        params[name] = value if isinstance(value, np.ndarray) else value.asnumpy()
     return params, meta
 
 
@@ -121,9 +126,12 @@ def read_metadata(path) -> Optional[dict]:
     Reads only the metadata (no tensors are built, so the integrity record is not checked here; every
     reader of the weights checks it).
     """
+    path = check_file(path)
+    strings = read_ckpt(path, tensors=False) if path.suffix.lower() == ".ckpt" else None
+    if strings is not None:
+        return parse_metadata(path, strings[META_KEY]) if META_KEY in strings else None
     import mindspore as ms
 
-    path = check_file(path)
     seen = []
 
     def only_metadata(name):
