@@ -145,7 +145,7 @@ def assign(report: LoadReport, assignments, owned: bool = False):
         root = _root(value)
         if (owned and roots[id(root)] == 1 and root.flags.owndata and value.flags.c_contiguous
                 and value.flags.aligned and value.flags.writeable
-                and value.dtype == ms.dtype_to_nptype(param.dtype)):
+                and value.dtype == np.float32 and param.dtype == ms.float32):
             param.set_data(ms.Tensor.from_numpy(value))  # the Tensor keeps the array alive
         else:
             param.set_data(ms.Tensor(np.ascontiguousarray(value), dtype=param.dtype))
