@@ -59,7 +59,7 @@ def read_ckpt(path, tensors: bool = True) -> Optional[Dict[str, Union[np.ndarray
     with open(path, "rb") as file:
         try:
             data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # an empty file cannot be mapped
+        except (ValueError, OSError):  # an empty file, or a file system that cannot map files
             return None
     try:
         return _read(data, tensors)
@@ -100,7 +100,7 @@ def _value(data, start: int, stop: int):
     """(tag, dims, tensor_type, content span) of one `Value`."""
     found = {}
     for number, wire, a, b in _fields(data, start, stop):
-        if (number, wire) != (1, LEN) and (number, wire) != (2, LEN) or number in found:
+        if (number, wire) not in ((1, LEN), (2, LEN)) or number in found:
             raise NotPlain  # a map tensor (field 3), an unknown or repeated field
         found[number] = (a, b)
     if set(found) != {1, 2}:
