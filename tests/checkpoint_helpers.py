@@ -63,9 +63,10 @@ def assert_untouched(net, before):
         assert np.array_equal(after[name], before[name]), f"{name} changed by a failed load"
 
 
-def save_ms(params: dict, path, append_dict=None):
-    ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.ascontiguousarray(v))} for k, v in params.items()],
-                       str(path), append_dict=append_dict)
+def save_ms(params: dict, path, append_dict=None, **options):
+    """`params` ({name: array}) written by `ms.save_checkpoint`; `options` are its own (crc_check, enc_key, ...)."""
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.asarray(v, order="C"))} for k, v in params.items()],
+                       str(path), append_dict=append_dict, **options)
     return path
 
 

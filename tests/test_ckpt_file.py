@@ -6,7 +6,7 @@ import mindspore.train.serialization as serialization
 import numpy as np
 import pytest
 
-from checkpoint_helpers import TINY, images, logits, numpy_params, random_net
+from checkpoint_helpers import TINY, images, logits, numpy_params, random_net, save_ms
 from vit_ms import create_model
 from vit_ms.checkpoint import (META_KEY, CheckpointError, load_model, make_metadata, read_metadata, read_params,
                                save_checkpoint)
@@ -39,10 +39,8 @@ def _every_dtype(path, **save_options):
               for name, dtype in DTYPES.items()}
     values["scalar"] = np.array(2.5, np.float32)
     values["four_d"] = rng.random((2, 3, 4, 5)).astype(np.float32)
-    ms.save_checkpoint([{"name": name, "data": ms.Tensor(value)} for name, value in values.items()], str(path),
-                       append_dict={"text": "h\u00e9llo \u2713", "count": 7, "rate": 1.5, "flag": True},
-                       **save_options)
-    return path
+    return save_ms(values, path, append_dict={"text": "h\u00e9llo \u2713", "count": 7, "rate": 1.5, "flag": True},
+                   **save_options)
 
 
 @pytest.mark.parametrize("crc_check", [False, True])
@@ -61,8 +59,7 @@ def test_a_tensor_written_in_slices_is_joined(tmp_path, monkeypatch):
     monkeypatch.setattr(serialization, "SLICE_SIZE", 1)
     weight = np.random.default_rng(1).normal(size=(40, 30)).astype(np.float32)  # 4.8 KB: 5 slices
     path = tmp_path / "sliced.ckpt"
-    ms.save_checkpoint([{"name": "weight", "data": ms.Tensor(weight)}, {"name": "bias", "data": ms.Tensor(weight[0])}],
-                       str(path))
+    save_ms({"weight": weight, "bias": weight[0]}, path)
     assert path.read_bytes().count(b"\n\x06weight") == 5
     reference = _reference(path)
     np.testing.assert_array_equal(reference["weight"], weight)
@@ -73,8 +70,7 @@ def test_what_the_reader_does_not_know_goes_back_to_mindspore(tmp_path):
     sound = _every_dtype(tmp_path / "sound.ckpt")
     data = sound.read_bytes()
     encrypted = tmp_path / "encrypted.ckpt"
-    ms.save_checkpoint([{"name": "w", "data": ms.Tensor(np.ones((4, 4), np.float32))}], str(encrypted),
-                       enc_key=b"0123456789abcdef")
+    save_ms({"w": np.ones((4, 4), np.float32)}, encrypted, enc_key=b"0123456789abcdef")
     bfloat16 = tmp_path / "bfloat16.ckpt"  # NumPy has no bfloat16
     ms.save_checkpoint([{"name": "w", "data": ms.Tensor(np.ones(3, np.float32), ms.bfloat16)}], str(bfloat16))
     assert ms.load_checkpoint(str(bfloat16))["w"].dtype == ms.bfloat16

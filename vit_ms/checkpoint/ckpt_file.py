@@ -2,7 +2,7 @@
 
 `ms.load_checkpoint` parses the whole file with protobuf's pure-Python decoder (importing MindSpore sets
 PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python), builds a Parameter for every tensor, and `readers` then copied
-each out again: 0.64-0.69 s for ViT-B/16's 346 MB on the AMD EPYC (Zen 4), against 0.11-0.15 s for this reader
+each out again: 0.64-0.69 s for ViT-B/16's 346 MB on the AMD EPYC (Zen 4), against 0.09-0.15 s for this reader
 (README, round 32). The format is small; MindSpore's `checkpoint.proto` (compiled into
 `mindspore/train/checkpoint_pb2.py`) reads, in proto2:
 

@@ -140,10 +140,10 @@ def assign(report: LoadReport, assignments, owned: bool = False):
     """
     import mindspore as ms
 
-    roots = Counter(id(_root(value)) for _, _, value in assignments)
-    for _, param, value in assignments:
-        root = _root(value)
-        if (owned and roots[id(root)] == 1 and root.flags.owndata and value.flags.c_contiguous
+    roots = [_root(value) for _, _, value in assignments]
+    sharers = Counter(id(root) for root in roots)
+    for (_, param, value), root in zip(assignments, roots):
+        if (owned and sharers[id(root)] == 1 and root.flags.owndata and value.flags.c_contiguous
                 and value.flags.aligned and value.flags.writeable
                 and value.dtype == np.float32 and param.dtype == ms.float32):
             param.set_data(ms.Tensor.from_numpy(value))  # the Tensor keeps the array alive

@@ -109,7 +109,8 @@ struct Zmm {  // AVX-512F: 16 floats (this library is compiled for it)
 };
 
 template <int MR>
-__attribute__((target("avx2,fma"))) static void panel_pair_avx512(int64_t kc, const float *xp, const float *p, float *c, int64_t ldc) {
+__attribute__((target("avx2,fma"))) static void panel_pair_avx512(int64_t kc, const float *xp, const float *p,
+                                                                   float *c, int64_t ldc) {
   panel_simd<Zmm, MR>(kc, xp, p, p + 16 * kc, c, ldc);
 }
 static const panel_fn kPanelPairAvx512[6] = {panel_pair_avx512<1>, panel_pair_avx512<2>, panel_pair_avx512<3>,
