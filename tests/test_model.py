@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -13,6 +14,8 @@ from mindspore import nn
 from float32_bounds import assert_within, init_scale_weights, logits_bound
 from torch_reference import TorchViT, copy_to_torch, torch
 from vit_ms import PRESETS, ViTConfig, count_parameters, create_model, get_config, set_dynamic_batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Published sizes with a 1000-class head (paper Table 1; DeiT for Ti and S).
 PINNED_PARAMS = {
@@ -183,33 +186,63 @@ def test_drop_path_is_identity_in_eval_and_random_in_train():
 
 
 _DROP_PATH_SCRIPT = """
-import sys
+import json, sys
 import mindspore as ms
 import numpy as np
-from vit_ms.layers import DropPath
+from mindspore import nn, ops
+from vit_ms import ViTConfig
+from vit_ms.model import Block
+
+class Constant(nn.Cell):  # a residual branch that outputs `value` whatever its input
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def construct(self, x):
+        return ops.ones_like(x) * self.value
+
 ms.set_device("CPU")
-ms.set_seed(int(sys.argv[1]))
-layer = DropPath(0.25)
-layer.set_train(True)
-x = ms.Tensor(np.full((16, 3, 2), 3.0, np.float32))
-print([layer(x).asnumpy()[:, :, :].tolist() for _ in range(3)])
+masks = {}
+for mode, name in ((ms.GRAPH_MODE, "graph"), (ms.PYNATIVE_MODE, "pynative")):
+    ms.set_context(mode=mode)
+    ms.set_seed(int(sys.argv[1]))
+    block = Block(ViTConfig(image_size=8, patch_size=4, embed_dim=8, depth=4, num_heads=2, mlp_dim=16),
+                  drop_path=0.5, fused=False, index=3)
+    block.attn, block.mlp = Constant(1.0), Constant(2.0)
+    block.set_train(True)
+    x = ms.Tensor(np.zeros((64, 1, 8), np.float32))
+    # out = x + mask1 * 1 + mask2 * 2 per sample, each mask 0 or 1 / (1 - p) = 2
+    masks[name] = [block(x).asnumpy()[:, 0, :].tolist() for _ in range(3)]
+print(json.dumps(masks))
 """
 
 
-def test_drop_path_masks_follow_the_seed_and_keep_the_expectation():
-    # A run repeats only if stochastic depth does: the same seed gives the same masks in a new process.
-    runs = [subprocess.run([sys.executable, "-c", _DROP_PATH_SCRIPT, seed], capture_output=True, text=True,
-                           timeout=120) for seed in ("0", "0", "1")]
+def test_drop_path_masks_repeat_in_each_mode_and_process_and_differ_by_branch(tmp_path):
+    # A run repeats only if stochastic depth does. Runs did not (MindSpore's CPU Dropout kernel, which drew
+    # the masks, shares one generator between threads), and in graph mode a DropPath called for both
+    # branches of a block dropped them together. Now: the same masks for the same seed in graph mode,
+    # PyNative and a new process; independent masks for the attention and MLP branches.
+    script = tmp_path / "masks.py"  # graph mode compiles the Constant cell from its source file
+    script.write_text(_DROP_PATH_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    runs = [subprocess.run([sys.executable, str(script), seed], capture_output=True, text=True, timeout=180, env=env)
+            for seed in ("0", "0", "1")]
     for run in runs:
         assert run.returncode == 0, run.stderr
-    first, again, other = (np.array(json.loads(r.stdout.strip().splitlines()[-1])) for r in runs)
-    np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, other)
-    assert not np.array_equal(first[0], first[1])  # a new mask at every step
-    # Whole samples are dropped or scaled by 1 / (1 - p): 3 / 0.75 = 4.
-    per_sample = first.reshape(3, 16, -1)
-    assert set(np.unique(per_sample).tolist()) <= {0.0, 4.0}
-    assert (per_sample.min(axis=-1) == per_sample.max(axis=-1)).all()
+    first, again, other = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert first == again
+    out = np.array(first["graph"])  # (step, sample, channel)
+    np.testing.assert_array_equal(out, np.array(first["pynative"]))
+    assert not np.array_equal(out, np.array(other["graph"]))
+    assert (out.min(axis=-1) == out.max(axis=-1)).all()  # whole samples
+    out = out[..., 0]
+    assert set(np.unique(out).tolist()) <= {0.0, 2.0, 4.0, 6.0}
+    attention, mlp = (out / 2).astype(int) % 2, (out / 4).astype(int)
+    assert (attention != mlp).any()  # the branches are dropped independently
+    assert not np.array_equal(out[0], out[1]) and not np.array_equal(out[1], out[2])  # a new mask every step
+    # 384 draws kept with probability 1/2: 192 expected, standard deviation 9.8; 5 of them either way.
+    kept = int(attention.sum() + mlp.sum())
+    assert abs(kept - 192) <= 49, kept
 
 
 # --- Parity with an independent reference: PyTorch's own attention and functional ops -------------

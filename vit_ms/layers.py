@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+from statistics import NormalDist
 from typing import Optional
 
 import mindspore as ms
@@ -215,21 +216,48 @@ def encoder_block(config, *, fused: bool, packed: bool = False) -> Optional[Enco
 
 
 class DropPath(nn.Cell):
-    """Stochastic depth: drop a sample's whole residual branch with probability p while training."""
+    """Stochastic depth: drop a sample's whole residual branch with probability p while training.
 
-    def __init__(self, p: float = 0.0):
+    Args:
+        p: the probability of dropping a sample's branch; its survivors are scaled by 1 / (1 - p).
+        stream: which random stream this layer draws from, distinct for every DropPath of a model.
+
+    On CPU the masks follow `ms.set_seed`: the same seed gives the same masks, step by step, in every run
+    (seeds `(global seed, stream + 1)`, a new draw at every step); without a global seed, a fresh seed per
+    process. Two layers never share a stream, and one layer is called at one place only: MindSpore
+    compiles each call of one random primitive in a graph into its own kernel, seeded alike, so a DropPath
+    called twice would drop both of a block's branches together in graph mode (and not in PyNative).
+    """
+
+    def __init__(self, p: float = 0.0, stream: int = 0):
         super().__init__()
         self.p = p
-        # The mask is Dropout applied to ones: 0 or 1 / (1 - p) per sample. Dropout's kernel follows
-        # `ms.set_seed` with a new draw at every step (the masks follow the seed); ops.bernoulli takes a fresh seed
-        # per process (or, seeded, returns the same mask at every step), and ops.rand warns that its
-        # UniformReal primitive is deprecated at every graph build.
-        self.dropout = nn.Dropout(p=p) if p > 0.0 else None
+        self.normal = self.dropout = None
+        if p > 0.0 and _device_target() == "CPU":
+            # keep = z < Phi^-1(1 - p), z ~ N(0, 1): P(keep) = 1 - p. Not nn.Dropout: MindSpore 2.10's CPU
+            # Dropout kernel draws from one generator shared by the threads of a parallel launch whose split
+            # it tunes by timing (ParallelLaunchAutoSearch), so its masks changed from run to run with the
+            # same seed (dropout_cpu_kernel.cc). StandardNormal seeds each 128-value block of a launch from
+            # (seed, seed2, launch count) (random_cpu_kernel.cc): the same values every run, checked by
+            # tests/test_model.py across processes. ops.bernoulli takes a fresh seed per process (or, seeded,
+            # returns the same mask at every step); UniformReal (ops.rand) is deprecated in 2.10.
+            seed = ms.get_seed()
+            self.normal = ops.StandardNormal() if seed is None else ops.StandardNormal(seed, stream + 1)
+            self.threshold = NormalDist().inv_cdf(1.0 - p)
+            self.scale = 1.0 / (1.0 - p)
+        elif p > 0.0:
+            # Ascend and GPU keep the Dropout of ones they always ran (StandardNormal ignores its seeds on
+            # Ascend, says its docstring); untested here, where no such device is.
+            self.dropout = nn.Dropout(p=p)
 
     def construct(self, x):
-        if not self.training or self.dropout is None:
+        if not self.training or self.p == 0.0:
             return x
-        return x * self.dropout(ops.ones((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype))  # (B, 1, ..., 1)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # (B, 1, ..., 1)
+        if self.dropout is not None:
+            return x * self.dropout(ops.ones(shape, x.dtype))
+        keep = self.normal((x.shape[0],)) < self.threshold  # (B,), each True with probability 1 - p
+        return x * (keep.astype(x.dtype) * self.scale).reshape(shape)
 
 
 class AttentionCore(nn.Cell):

@@ -84,25 +84,29 @@ class FeedForward(nn.Cell):
         self.fc1 = linear(config.embed_dim, config.mlp_dim, bias_std=1e-6, fused=fused)
         self.act = GELU(config.gelu_approximate, fused=fused)
         self.fc2 = linear(config.mlp_dim, config.embed_dim, bias_std=1e-6, fused=fused)
-        self.drop = nn.Dropout(p=config.dropout)
+        # One Dropout per call site: one random op called twice in a graph draws the same mask twice.
+        self.drop1 = nn.Dropout(p=config.dropout)
+        self.drop2 = nn.Dropout(p=config.dropout)
         self.fc1_act = linear_gelu(config.gelu_approximate, fused=fused)  # fc1 and GELU in one kernel, eval only
 
     def construct(self, x):
         if self.fc1_act is not None and not self.training:  # dropout is the identity in eval
             return self.fc2(self.fc1_act(x, self.fc1.weight, self.fc1.bias))
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class Block(nn.Cell):
-    """One pre-norm encoder block, Eq. 2 and 3."""
+    """One pre-norm encoder block, Eq. 2 and 3; `index`, its place in the encoder, numbers its random streams."""
 
-    def __init__(self, config: ViTConfig, drop_path: float = 0.0, fused: bool = False):
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0, fused: bool = False, index: int = 0):
         super().__init__()
         self.norm1 = layer_norm(config.embed_dim, config.norm_eps, fused=fused)
         self.attn = Attention(config, fused)
         self.norm2 = layer_norm(config.embed_dim, config.norm_eps, fused=fused)
         self.mlp = FeedForward(config, fused)
-        self.drop_path = DropPath(drop_path)
+        # Each branch drops on its own (as timm's drop_path1/drop_path2), from its own random stream.
+        self.drop_path1 = DropPath(drop_path, stream=2 * index)
+        self.drop_path2 = DropPath(drop_path, stream=2 * index + 1)
         self.one_kernel = encoder_block(config, fused=fused)  # the whole block in one kernel, eval only
         self.packed = False  # weights packed for inference (vit_ms.packing): only the one kernel reads them
 
@@ -113,8 +117,8 @@ class Block(nn.Cell):
             raise ValueError("attention maps need the block's separate ops, which cannot read weights packed for "
                              "inference (vit_ms.packing): load the model without packing")
         attended, probs = self.attn.forward_with_probs(self.norm1(x))
-        x = x + self.drop_path(attended)  # (2)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))  # (3)
+        x = x + self.drop_path1(attended)  # (2)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))  # (3)
         return x, probs
 
     def construct(self, x):
@@ -123,8 +127,8 @@ class Block(nn.Cell):
             return self.one_kernel(x, self.norm1.gamma, self.norm1.beta, attn.qkv.weight, attn.qkv.bias,
                                    attn.proj.weight, attn.proj.bias, self.norm2.gamma, self.norm2.beta,
                                    mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-        x = x + self.drop_path(self.attn(self.norm1(x)))  # (2)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))  # (3)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))  # (2)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))  # (3)
         return x
 
 
@@ -151,7 +155,7 @@ class ViT(nn.Cell):
         self.pos_embed = Parameter(initializer(initial(Normal(0.02)), (1, num_tokens, d)), name="pos_embed")
         self.pos_drop = nn.Dropout(p=config.dropout)
         rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.CellList([Block(config, rate, fused) for rate in rates])
+        self.blocks = nn.CellList([Block(config, rate, fused, i) for i, rate in enumerate(rates)])
         # timm: with average pooling the final norm moves after the pooling (fc_norm).
         avg = config.global_pool == "avg"
         self.norm = nn.Identity() if avg else layer_norm(d, config.norm_eps, fused=fused)

@@ -371,7 +371,14 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
         transforms = train_transforms(preprocess, crop_scale, crop_ratio)
     else:
         transforms = eval_transforms(preprocess)
-    dataset = dataset.map(transforms, input_columns="image", num_parallel_workers=workers)
+    # MindSpore's RandomErasing is Python code drawing from the `random` and `numpy.random` modules (seeded
+    # by ms.set_seed): two workers would take the draws in whatever order their threads run, so a run would
+    # not repeat. It and what follows it run in a map of their own with one worker, which takes the rows in order.
+    cut = next((i for i, op in enumerate(transforms) if isinstance(op, vision.RandomErasing)), len(transforms))
+    dataset = dataset.map(transforms[:cut], input_columns="image", num_parallel_workers=workers)
+    if cut < len(transforms):
+        dataset = dataset.map(transforms[cut:], input_columns="image", num_parallel_workers=1,
+                              python_multiprocessing=False)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     info = DatasetInfo(root=Path(root), split=split, class_names=tuple(names), num_images=len(paths),
                        skipped=tuple(skipped), checked=checked)
