@@ -219,6 +219,15 @@ def _no_graph_cache_in_process():
         os.environ["VIT_MS_GRAPH_CACHE"] = previous
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _context_mode_restored():
+    # train() sets the execution mode for the process (graph by default); later modules run in the mode
+    # they found (test_fast_path's gradient test failed after this module when it ran in graph mode).
+    previous = ms.get_context("mode")
+    yield
+    ms.set_context(mode=previous)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Three epochs of a tiny ViT on a tiny colour dataset, in graph mode: (config, result)."""
