@@ -337,12 +337,13 @@ def test_resume_continues_the_shuffle_order_of_an_uninterrupted_run(tiny_run, tm
 
 def test_two_runs_with_one_seed_end_bit_for_bit_alike(tiny_run, tmp_path):
     # Every random choice of a run follows --seed: initial weights, shuffling, the augmentations drawn by
-    # two parallel decode workers, Mixup/CutMix, and stochastic depth in two blocks. Stochastic depth
-    # (vit_ms.layers.DropPath) and random erasing (vit_ms.data.pipeline) made runs differ until this test.
+    # two parallel decode workers, Mixup/CutMix, and stochastic depth in two blocks; the fine-tuning step
+    # (gradient clipping, EMA) on top. Stochastic depth (vit_ms.layers.DropPath) and random erasing
+    # (vit_ms.data.pipeline) made runs differ until this test.
     cfg, _ = tiny_run
     cfg = dataclasses.replace(cfg, model_overrides={**TINY_MODEL, "depth": 2}, drop_path_rate=0.5, num_workers=2,
                               auto_augment="randaugment", color_jitter=0.3, random_erasing=0.5, mixup=0.8,
-                              cutmix=1.0)
+                              cutmix=1.0, clip_grad=1.0, ema_decay=0.9)
     runs = [train(dataclasses.replace(cfg, output_dir=str(tmp_path / name))) for name in ("first", "again")]
     (first, _), (again, _) = (read_params(run.last_checkpoint) for run in runs)
     assert sorted(first) == sorted(again) and "global_step" in first
