@@ -335,6 +335,22 @@ def test_resume_continues_the_shuffle_order_of_an_uninterrupted_run(tiny_run, tm
     assert {**first.seen, **rest.seen} == whole.seen
 
 
+def test_a_vit_ms_checkpoint_in_pretrained_brings_its_architecture(tiny_run, tmp_path):
+    # Fine-tuning from one of our runs (or from weights convert.py wrote) needs no --model_override: the
+    # checkpoint's metadata names the model. --model says ViT-B; the weights are the tiny run's.
+    cfg, result = tiny_run
+    cfg = dataclasses.replace(cfg, model="vit_b_16", pretrained=str(result.best_checkpoint), drop_path_rate=0.1,
+                              model_overrides={}, output_dir=str(tmp_path / "finetuned"), epochs=1)
+    tuned = train(cfg)  # with --model's ViT-B this stopped at the first shape that did not fit
+    log = (tuned.output_dir / "train.log").read_text()
+    assert "is a vit_ms checkpoint of a ViT with width 32, depth 1, 2 heads, patch 8" in log
+    assert "initial weights:" in log
+    meta = read_metadata(tuned.last_checkpoint)
+    assert {k: meta["model"][k] for k in TINY_MODEL} == TINY_MODEL
+    assert meta["model"]["drop_path_rate"] == 0.1  # the run's own settings still apply on top
+    assert meta["preprocess"] == read_metadata(result.best_checkpoint)["preprocess"]
+
+
 def test_two_runs_with_one_seed_end_bit_for_bit_alike(tiny_run, tmp_path):
     # Every random choice of a run follows --seed: initial weights, shuffling, the augmentations drawn by
     # two parallel decode workers, Mixup/CutMix, and stochastic depth in two blocks; the fine-tuning step

@@ -123,7 +123,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     try:
         inputs = _check_inputs(cfg, writer)
         cfg = _fit_batch_size(cfg, inputs.root, group_size)
-        batches = _build_data(cfg, inputs.root, rank, group_size)
+        batches = _build_data(cfg, inputs.root, rank, group_size, inputs.pretrained)
         # Before the first graph compiles: a second run with the same graph-shaping settings loads them.
         # The lr tables are graph parameters whose length (every optimizer step of the run) is a shape.
         graph_cache.enable("train", dict(graph_settings(cfg), model_config=batches.config.to_dict(), rank=rank,
@@ -174,20 +174,30 @@ def _fit_batch_size(cfg: TrainConfig, root: Path, group_size: int) -> TrainConfi
     return cfg
 
 
-def _model_config(cfg: TrainConfig, num_classes: int) -> tuple:
-    """(ViTConfig, Preprocess) of the run: a ZOO name in --pretrained brings its architecture and its
+def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path] = None) -> tuple:
+    """(ViTConfig, Preprocess) of the run: a ZOO name in --pretrained, or a vit_ms checkpoint (`pretrained`,
+    the resolved file: one of our runs, or weights `convert.py` wrote), brings its architecture and its
     preprocessing (mean, std, interpolation; at the run's image size), so eval and infer read the weights'
     own from the checkpoint metadata; otherwise --model with --model_override and the preset's."""
     settings = dict(num_classes=num_classes, image_size=cfg.image_size, drop_path_rate=cfg.drop_path_rate)
     entry = ckpt.ZOO.get(cfg.pretrained)
-    if entry is None:
-        config = get_config(cfg.model, **settings, **cfg.model_overrides)
-        return config, Preprocess.for_model(config)
-    if entry.preset != cfg.model:
-        logger.info("--pretrained %s holds a %s: training that architecture (not --model %s)", cfg.pretrained,
-                    entry.preset, cfg.model)
-    config = entry.config(**settings, **cfg.model_overrides)
-    return config, dataclasses.replace(entry.preprocess(), image_size=cfg.image_size)
+    if entry is not None:
+        if entry.preset != cfg.model:
+            logger.info("--pretrained %s holds a %s: training that architecture (not --model %s)", cfg.pretrained,
+                        entry.preset, cfg.model)
+        config = entry.config(**settings, **cfg.model_overrides)
+        return config, dataclasses.replace(entry.preprocess(), image_size=cfg.image_size)
+    # A vit_ms .ckpt carries its model and preprocessing (vit_ms.checkpoint.format); other files do not.
+    meta = ckpt.read_metadata(pretrained) if pretrained and pretrained.suffix.lower() == ".ckpt" else None
+    if meta is not None:
+        source, preprocess = ckpt.config_from_metadata(meta)
+        logger.info("--pretrained %s is a vit_ms checkpoint of a ViT with width %d, depth %d, %d heads, patch %d: "
+                    "training that architecture (--model %s not used)", pretrained, source.embed_dim, source.depth,
+                    source.num_heads, source.patch_size, cfg.model)
+        config = get_config(source, **settings, **cfg.model_overrides)
+        return config, dataclasses.replace(preprocess, image_size=cfg.image_size)
+    config = get_config(cfg.model, **settings, **cfg.model_overrides)
+    return config, Preprocess.for_model(config)
 
 
 def _augmentation(cfg: TrainConfig) -> Optional[dict]:
@@ -198,11 +208,12 @@ def _augmentation(cfg: TrainConfig) -> Optional[dict]:
                 color_jitter=cfg.color_jitter, random_erasing=cfg.random_erasing)
 
 
-def _build_data(cfg: TrainConfig, root: Path, rank: int, group_size: int) -> _Data:
+def _build_data(cfg: TrainConfig, root: Path, rank: int, group_size: int, pretrained: Optional[Path]
+                ) -> _Data:
     """Class names, the model config they imply, and the train (sharded under msrun, augmented, mixed)
     and val pipelines."""
     classes = data.class_names(root, "train")
-    config, preprocess = _model_config(cfg, len(classes))
+    config, preprocess = _model_config(cfg, len(classes), pretrained)
     shard = dict(num_shards=group_size, shard_id=rank) if cfg.distributed else {}
     # check: "full" decodes every file, "header" only opens it, "none" trusts the files.
     common = dict(num_workers=cfg.num_workers, class_names=classes, check=cfg.data_check)
