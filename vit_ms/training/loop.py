@@ -181,23 +181,24 @@ def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path]
     own from the checkpoint metadata; otherwise --model with --model_override and the preset's."""
     settings = dict(num_classes=num_classes, image_size=cfg.image_size, drop_path_rate=cfg.drop_path_rate)
     entry = ckpt.ZOO.get(cfg.pretrained)
+    # A vit_ms .ckpt carries its model and preprocessing (vit_ms.checkpoint.format); other files do not.
+    own = entry is None and pretrained is not None and pretrained.suffix.lower() == ".ckpt"
+    meta = ckpt.read_metadata(pretrained) if own else None
     if entry is not None:
+        source, preprocess = entry.config(), entry.preprocess()
         if entry.preset != cfg.model:
             logger.info("--pretrained %s holds a %s: training that architecture (not --model %s)", cfg.pretrained,
                         entry.preset, cfg.model)
-        config = entry.config(**settings, **cfg.model_overrides)
-        return config, dataclasses.replace(entry.preprocess(), image_size=cfg.image_size)
-    # A vit_ms .ckpt carries its model and preprocessing (vit_ms.checkpoint.format); other files do not.
-    meta = ckpt.read_metadata(pretrained) if pretrained and pretrained.suffix.lower() == ".ckpt" else None
-    if meta is not None:
+    elif meta is not None:
         source, preprocess = ckpt.config_from_metadata(meta)
         logger.info("--pretrained %s is a vit_ms checkpoint of a ViT with width %d, depth %d, %d heads, patch %d: "
                     "training that architecture (--model %s not used)", pretrained, source.embed_dim, source.depth,
                     source.num_heads, source.patch_size, cfg.model)
-        config = get_config(source, **settings, **cfg.model_overrides)
-        return config, dataclasses.replace(preprocess, image_size=cfg.image_size)
-    config = get_config(cfg.model, **settings, **cfg.model_overrides)
-    return config, Preprocess.for_model(config)
+    else:
+        config = get_config(cfg.model, **settings, **cfg.model_overrides)
+        return config, Preprocess.for_model(config)
+    config = get_config(source, **settings, **cfg.model_overrides)
+    return config, dataclasses.replace(preprocess, image_size=cfg.image_size)
 
 
 def _augmentation(cfg: TrainConfig) -> Optional[dict]:
