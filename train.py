@@ -66,14 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="a preset of vit_ms.PRESETS, e.g. vit_b_16 or tutorial (drops the "
                                        "recipe's --model_override values and takes the preset's image size)")
-    group.add_argument("--image_size", type=int, help="input side in pixels")
+    group.add_argument("--image_size", type=int, help="input side in pixels (finetune, linear_probe: the "
+                                                       "--pretrained weights' own unless given)")
     group.add_argument("--model_override", dest="model_overrides", action="append", metavar="FIELD=VALUE",
                        help="a ViTConfig field replacing the preset's, e.g. depth=6 (repeatable)")
     group.add_argument("--drop_path_rate", type=float, help="stochastic depth at the last block")
     group.add_argument("--pretrained", help="initial weights: a checkpoint file (ours, the tutorial's, timm, "
                                             "torchvision, JAX) or a vit_ms.checkpoint.ZOO name such as "
                                             "augreg_vit_ti_16_224 (downloaded); a zoo name or a vit_ms checkpoint "
-                                            "brings its architecture and preprocessing (--model is not used)")
+                                            "brings its architecture and preprocessing (--model is not used); "
+                                            "--resume reads it no more")
     group.add_argument("--freeze_backbone", action=BOOL, help="train the head only (a linear probe)")
     group.add_argument("--train_final_norm", action=BOOL, help="with --freeze_backbone: train the final norm too")
     group.add_argument("--recompute", action=BOOL, help="recompute encoder-block activations in the backward "

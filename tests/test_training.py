@@ -18,7 +18,7 @@ from mindspore import nn
 from PIL import Image
 
 from vit_ms import create_model
-from vit_ms.checkpoint import load_model, read_metadata, read_params
+from vit_ms.checkpoint import CheckpointError, load_model, read_metadata, read_params
 from vit_ms.data import DatasetError
 from vit_ms.training import (RunFolderError, SoftCrossEntropy, TrainingDiverged, create_optimizer, lr_schedule,
                              param_groups, read_metrics, resolve_train_config, run_followups, train)
@@ -192,6 +192,34 @@ def test_a_zoo_name_in_pretrained_brings_its_architecture_and_preprocessing():
     assert config.embed_dim == 192 and preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
+def test_the_transfer_recipes_take_the_image_size_of_the_weights_unless_one_is_given():
+    from vit_ms.training.loop import _model_config
+
+    # timm's resolve_data_config: the pretrained config's input size unless the run gives one. --model does
+    # not pin the preset's size here (it does for the scratch recipe).
+    for recipe in ("finetune", "linear_probe"):
+        cfg = resolve_train_config(recipe, pretrained="augreg_vit_s_16_384", model="vit_s_16")
+        assert cfg.image_size is None
+        config, preprocess = _model_config(cfg, 5)
+        # AugReg's 384 px fine-tuning: a 24x24 grid, crop_pct 1.0 (timm's augreg_in21k_ft_in1k 384 cfg).
+        assert (config.image_size, preprocess.image_size, preprocess.crop_pct) == (384, 384, 1.0)
+        config, preprocess = _model_config(dataclasses.replace(cfg, image_size=224), 5)
+        assert (config.image_size, preprocess.image_size) == (224, 224)
+        # A foreign file says nothing of its size: the --model preset's.
+        config, _ = _model_config(dataclasses.replace(cfg, pretrained="weights.npz", model="vit_b_32"), 5)
+        assert (config.embed_dim, config.patch_size, config.image_size) == (768, 32, 224)
+    assert resolve_train_config("scratch", model="vit_s_16").image_size == 224
+
+
+def test_a_mistyped_pretrained_name_stops_before_anything_is_written(tmp_path):
+    cfg = get_train_config("finetune", data_path=str(make_image_folder(tmp_path / "data", per_class=(1, 1))),
+                           pretrained="augreg_vit_ti_16_22", output_dir=str(tmp_path / "run"))
+    with pytest.raises(CheckpointError, match=r"augreg_vit_ti_16_22 is neither a file nor a named pretrained "
+                                              r"checkpoint \(did you mean augreg_vit_ti_16_224\?\)"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_smoothed_cross_entropy_against_numpy(rng):
     logits = rng.normal(size=(5, 4)).astype(np.float32)
     labels = np.array([0, 3, 1, 1, 2], np.int32)
@@ -335,20 +363,30 @@ def test_resume_continues_the_shuffle_order_of_an_uninterrupted_run(tiny_run, tm
     assert {**first.seen, **rest.seen} == whole.seen
 
 
-def test_a_vit_ms_checkpoint_in_pretrained_brings_its_architecture(tiny_run, tmp_path):
+def test_a_vit_ms_checkpoint_in_pretrained_brings_its_architecture_and_resume_needs_it_no_more(tiny_run, tmp_path):
     # Fine-tuning from one of our runs (or from weights convert.py wrote) needs no --model_override: the
-    # checkpoint's metadata names the model. --model says ViT-B; the weights are the tiny run's.
+    # checkpoint's metadata names the model and, with no --image_size (the transfer recipes' default), the
+    # image size. --model says ViT-B at 224 px; the weights are the tiny run's, at 16 px.
     cfg, result = tiny_run
-    cfg = dataclasses.replace(cfg, model="vit_b_16", pretrained=str(result.best_checkpoint), drop_path_rate=0.1,
-                              model_overrides={}, output_dir=str(tmp_path / "finetuned"), epochs=1)
+    pretrained = Path(shutil.copy(result.best_checkpoint, tmp_path / "pretrained.ckpt"))
+    cfg = dataclasses.replace(cfg, model="vit_b_16", pretrained=str(pretrained), drop_path_rate=0.1,
+                              model_overrides={}, image_size=None, output_dir=str(tmp_path / "finetuned"), epochs=1)
     tuned = train(cfg)  # with --model's ViT-B this stopped at the first shape that did not fit
     log = (tuned.output_dir / "train.log").read_text()
     assert "is a vit_ms checkpoint of a ViT with width 32, depth 1, 2 heads, patch 8" in log
-    assert "initial weights:" in log
+    assert f"image size 16 px: {pretrained}'s own" in log and "resampled" not in log
+    assert f"loaded 20 tensors from {pretrained} (vit_ms names)" in log  # every one: the same 3 classes
     meta = read_metadata(tuned.last_checkpoint)
-    assert {k: meta["model"][k] for k in TINY_MODEL} == TINY_MODEL
+    assert {k: meta["model"][k] for k in TINY_MODEL} == TINY_MODEL and meta["model"]["image_size"] == 16
+    assert json.loads((tuned.output_dir / "config.json").read_text())["image_size"] == 16  # the size used
     assert meta["model"]["drop_path_rate"] == 0.1  # the run's own settings still apply on top
     assert meta["preprocess"] == read_metadata(result.best_checkpoint)["preprocess"]
+    # --resume takes the weights and the model from last.ckpt: the --pretrained file may be gone.
+    pretrained.unlink()
+    resumed = train(dataclasses.replace(cfg, resume=True, epochs=2))
+    assert [r["epoch"] for r in read_metrics(resumed.output_dir)] == [1, 2]
+    resumed_meta = read_metadata(resumed.last_checkpoint)
+    assert resumed_meta["model"] == meta["model"] and resumed_meta["preprocess"] == meta["preprocess"]
 
 
 def test_two_runs_with_one_seed_end_bit_for_bit_alike(tiny_run, tmp_path):

@@ -11,6 +11,7 @@ download leaves nothing under the final name. `python -m vit_ms.checkpoint list`
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -158,8 +159,10 @@ def resolve_pretrained(name_or_path, cache_dir=None, base_url: Optional[str] = N
     if path.exists():
         return path
     if name_or_path not in ZOO:
-        raise FileNotFoundError(f"{name_or_path} is neither a file nor a named pretrained checkpoint "
-                                f"({', '.join(sorted(ZOO))})")
+        close = difflib.get_close_matches(str(name_or_path), ZOO, n=1)
+        raise FileNotFoundError(f"{name_or_path} is neither a file nor a named pretrained checkpoint"
+                                f"{f' (did you mean {close[0]}?)' if close else ''}; the names: "
+                                f"{', '.join(sorted(ZOO))}")
     return download_weights(ZOO[name_or_path], cache_dir, base_url)
 
 

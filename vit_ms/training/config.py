@@ -58,11 +58,14 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5  # probability of CutMix rather than Mixup when both are on
     # model
     model: str = "vit_ti_16"  # a PRESETS name; num_classes always comes from the data's class folders
-    image_size: int = 224  # input side in pixels, replacing the preset's
+    # Input side in pixels, replacing the preset's. None: the weights' own, as timm's resolve_data_config
+    # takes the pretrained config's input size unless one is given (timm/data/config.py): a --pretrained zoo
+    # name's or vit_ms checkpoint's, else the --model preset's. train() resolves it before anything is written.
+    image_size: Optional[int] = 224
     model_overrides: dict = dataclasses.field(default_factory=dict)  # other ViTConfig fields, e.g. {"depth": 4}
     drop_path_rate: float = 0.1  # stochastic depth at the last block (rising linearly from 0)
     pretrained: str = ""  # start weights: a checkpoint path or a vit_ms.checkpoint.ZOO name; empty: random
-    #                       (a ZOO name also brings its architecture and preprocessing)
+    #                       (a ZOO name or a vit_ms checkpoint also brings its architecture and preprocessing)
     freeze_backbone: bool = False  # train the head only (a linear probe)
     train_final_norm: bool = False  # with freeze_backbone: train the final LayerNorm too
     recompute: bool = False  # recompute each encoder block's activations in the backward pass (less memory)
@@ -109,6 +112,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "image_size", "num_workers", "accum_steps", "ra_num_ops"):
             value = getattr(self, name)
+            if value is None and name == "image_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         if not 0 <= self.warmup_epochs < self.epochs or self.warmup_epochs and self.lr_schedule != "warmup_cosine":
@@ -194,7 +199,8 @@ RECIPES = {
         color_jitter=0.0,  # timm/MAE leave colour jitter off when RandAugment is on
         random_erasing=0.25,  # DeiT/MAE --reprob 0.25 --remode pixel
         mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # DeiT defaults; MAE FINETUNE.md
-        model="vit_ti_16", image_size=224, model_overrides={},
+        model="vit_ti_16", model_overrides={},
+        image_size=None,  # the pretrained weights' own (timm's resolve_data_config); 224 for most
         drop_path_rate=0.1,  # DeiT --drop-path 0.1, MAE --drop_path 0.1
         epochs=10, batch_size=32,  # fits a CPU; MAE fine-tunes 50-100 ImageNet epochs
         optimizer="adamw", beta1=0.9, beta2=0.999, eps=1e-8,  # DeiT --opt adamw, MAE AdamW (0.9, 0.999)
@@ -214,7 +220,7 @@ RECIPES = {
     # plain AdamW at 1e-3 fits the head in a few epochs (our choice, not a published number).
     "linear_probe": TrainConfig(
         recipe="linear_probe", dataset="sample", augment=True, crop_min_scale=0.08, model="vit_ti_16",
-        image_size=224, model_overrides={}, drop_path_rate=0.0, freeze_backbone=True, epochs=5, batch_size=32,
+        image_size=None, model_overrides={}, drop_path_rate=0.0, freeze_backbone=True, epochs=5, batch_size=32,
         optimizer="adamw", lr=1e-3, min_lr=0.0, lr_schedule="warmup_cosine", warmup_epochs=0, weight_decay=0.0,
         label_smoothing=0.0, output_dir="outputs/linear_probe"),
 }
@@ -255,8 +261,8 @@ def resolve_train_config(recipe: Optional[str] = None, config_file=None, **overr
     4. `overrides`, e.g. the flags given on the command line.
 
     `model_overrides` are merged into the recipe's; choosing another `model` instead drops the recipe's
-    `model_overrides` and takes the preset's image size, unless those are given too. Unknown keys raise
-    ValueError at every layer.
+    `model_overrides` and takes the preset's image size, unless those are given too (a recipe whose image
+    size comes from the pretrained weights keeps None). Unknown keys raise ValueError at every layer.
 
     Args:
         recipe: a key of `RECIPES`.
@@ -280,7 +286,8 @@ def resolve_train_config(recipe: Optional[str] = None, config_file=None, **overr
         if overrides["model"] not in PRESETS:
             raise ValueError(f"unknown model preset {overrides['model']!r}; choose one of {sorted(PRESETS)}")
         overrides.setdefault("model_overrides", {})
-        overrides.setdefault("image_size", PRESETS[overrides["model"]].image_size)
+        if cfg.image_size is not None:
+            overrides.setdefault("image_size", PRESETS[overrides["model"]].image_size)
     cfg = _replace(cfg, overrides)
     if cfg.recipe in NEEDS_PRETRAINED and not cfg.pretrained:
         raise ValueError(f"the {cfg.recipe} recipe needs --pretrained: a checkpoint file (ours, timm, torchvision, "

@@ -56,7 +56,8 @@ class TrainResult:
 class _Inputs:
     out: Path  # the run folder (not created yet)
     root: Path  # the ImageFolder root
-    pretrained: Optional[Path]
+    pretrained: Optional[Path]  # the resolved --pretrained file; None when resuming (the weights are in `saved`)
+    saved: Optional[Path] = None  # resuming: the run's last.ckpt, which names its model and preprocessing
 
 
 @dataclasses.dataclass
@@ -123,7 +124,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     try:
         inputs = _check_inputs(cfg, writer)
         cfg = _fit_batch_size(cfg, inputs.root, group_size)
-        batches = _build_data(cfg, inputs.root, rank, group_size, inputs.pretrained)
+        batches = _build_data(cfg, inputs, rank, group_size)
+        # The size the weights brought: config.json, the graph cache key and a resume then name it.
+        cfg = dataclasses.replace(cfg, image_size=batches.config.image_size)
         # Before the first graph compiles: a second run with the same graph-shaping settings loads them.
         # The lr tables are graph parameters whose length (every optimizer step of the run) is a shape.
         graph_cache.enable("train", dict(graph_settings(cfg), model_config=batches.config.to_dict(), rank=rank,
@@ -144,15 +147,22 @@ def _check_inputs(cfg: TrainConfig, writer: bool) -> _Inputs:
     Downloads happen here: offline, the run stops with a message naming the file and where to put it."""
     out = rundir.check_run_folder(cfg, writer)
     root = resolve_data_root(cfg)
-    pretrained = None
-    if cfg.pretrained:
+    pretrained = saved = None
+    if cfg.resume:
+        # last.ckpt holds every weight and names the model: a resumed run needs its --pretrained file no
+        # more (it may be gone, be a download the machine cannot make, or be a path relative to elsewhere).
+        saved = out / rundir.LAST_CKPT
+    elif cfg.pretrained:
         try:
             pretrained = ckpt.resolve_pretrained(cfg.pretrained)
+        except FileNotFoundError as error:
+            raise ckpt.CheckpointError(f"--pretrained: {error}; `python -m vit_ms.checkpoint list` describes "
+                                       f"the names") from error
         except RuntimeError as error:  # offline: the message names the file and where to put it
             raise ckpt.CheckpointError(str(error)) from error
     logger.info("recipe %s on %s (%s, %s mode, AMP %s); data %s; output %s", cfg.recipe, cfg.device_target,
                 "data parallel" if cfg.distributed else "single device", cfg.mode, amp_level_for(cfg), root, out)
-    return _Inputs(out, root, pretrained)
+    return _Inputs(out, root, pretrained, saved)
 
 
 def _fit_batch_size(cfg: TrainConfig, root: Path, group_size: int) -> TrainConfig:
@@ -174,31 +184,41 @@ def _fit_batch_size(cfg: TrainConfig, root: Path, group_size: int) -> TrainConfi
     return cfg
 
 
-def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path] = None) -> tuple:
+def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path] = None,
+                  saved: Optional[Path] = None) -> tuple:
     """(ViTConfig, Preprocess) of the run: a ZOO name in --pretrained, or a vit_ms checkpoint (`pretrained`,
     the resolved file: one of our runs, or weights `convert.py` wrote), brings its architecture and its
-    preprocessing (mean, std, interpolation; at the run's image size), so eval and infer read the weights'
-    own from the checkpoint metadata; otherwise --model with --model_override and the preset's."""
-    settings = dict(num_classes=num_classes, image_size=cfg.image_size, drop_path_rate=cfg.drop_path_rate)
+    preprocessing (mean, std, interpolation, image size unless the run sets one), so eval and infer read the
+    weights' own from the checkpoint metadata; otherwise --model with --model_override and the preset's. A
+    resumed run (`saved`: its last.ckpt) takes both from what it saved, whatever --pretrained names."""
     entry = ckpt.ZOO.get(cfg.pretrained)
     # A vit_ms .ckpt carries its model and preprocessing (vit_ms.checkpoint.format); other files do not.
     own = entry is None and pretrained is not None and pretrained.suffix.lower() == ".ckpt"
     meta = ckpt.read_metadata(pretrained) if own else None
-    if entry is not None:
-        source, preprocess = entry.config(), entry.preprocess()
+    preprocess = None  # the preset's, for the config built
+    if saved is not None:
+        (source, preprocess), origin = ckpt.config_from_metadata(ckpt.read_metadata(saved)), "the run's own"
+    elif entry is not None:
+        source, preprocess, origin = entry.config(), entry.preprocess(), f"the {cfg.pretrained} weights' own"
         if entry.preset != cfg.model:
             logger.info("--pretrained %s holds a %s: training that architecture (not --model %s)", cfg.pretrained,
                         entry.preset, cfg.model)
     elif meta is not None:
-        source, preprocess = ckpt.config_from_metadata(meta)
+        (source, preprocess), origin = ckpt.config_from_metadata(meta), f"{pretrained}'s own"
         logger.info("--pretrained %s is a vit_ms checkpoint of a ViT with width %d, depth %d, %d heads, patch %d: "
                     "training that architecture (--model %s not used)", pretrained, source.embed_dim, source.depth,
                     source.num_heads, source.patch_size, cfg.model)
     else:
-        config = get_config(cfg.model, **settings, **cfg.model_overrides)
-        return config, Preprocess.for_model(config)
+        source, origin = cfg.model, f"the {cfg.model} preset's"
+    settings = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path_rate)
+    if cfg.image_size is not None:
+        settings["image_size"] = cfg.image_size
     config = get_config(source, **settings, **cfg.model_overrides)
-    return config, dataclasses.replace(preprocess, image_size=cfg.image_size)
+    if cfg.image_size is None:
+        logger.info("image size %d px: %s (--image_size sets another)", config.image_size, origin)
+    if preprocess is None:
+        return config, Preprocess.for_model(config)
+    return config, dataclasses.replace(preprocess, image_size=config.image_size)
 
 
 def _augmentation(cfg: TrainConfig) -> Optional[dict]:
@@ -209,12 +229,12 @@ def _augmentation(cfg: TrainConfig) -> Optional[dict]:
                 color_jitter=cfg.color_jitter, random_erasing=cfg.random_erasing)
 
 
-def _build_data(cfg: TrainConfig, root: Path, rank: int, group_size: int, pretrained: Optional[Path]
-                ) -> _Data:
+def _build_data(cfg: TrainConfig, inputs: _Inputs, rank: int, group_size: int) -> _Data:
     """Class names, the model config they imply, and the train (sharded under msrun, augmented, mixed)
     and val pipelines."""
+    root = inputs.root
     classes = data.class_names(root, "train")
-    config, preprocess = _model_config(cfg, len(classes), pretrained)
+    config, preprocess = _model_config(cfg, len(classes), inputs.pretrained, inputs.saved)
     shard = dict(num_shards=group_size, shard_id=rank) if cfg.distributed else {}
     # check: "full" decodes every file, "header" only opens it, "none" trusts the files.
     common = dict(num_workers=cfg.num_workers, class_names=classes, check=cfg.data_check)
@@ -260,8 +280,7 @@ def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path],
     # The one fused-kernel policy, told what only training knows: the device and the AMP level to come.
     net = ViT(batches.config, fast=fast)
     if pretrained is not None:
-        report = ckpt.load_weights(net, pretrained)
-        logger.info("initial weights: %s", report.summary())
+        ckpt.load_weights(net, pretrained)  # logs what it loaded, dropped and resampled
     if cfg.freeze_backbone:
         freeze_backbone(net, cfg.train_final_norm)  # before the optimizer takes the trainable parameters
     if cfg.recompute:
@@ -332,10 +351,11 @@ def _restore(train_network: nn.Cell, path: Path) -> dict:
     # The learning-rate table is rebuilt from the settings (which may extend the run); the position in it
     # is the restored global_step.
     params, meta = ckpt.read_training_checkpoint(path)  # integrity-checked; raises CheckpointError
-    # The lr tables (one per parameter group) come from the settings, not the file.
+    # The lr tables (one per parameter group) come from the settings, not the file: the network's own stand
+    # in for the saved ones, so MindSpore finds nothing missing (it logs a WARNING for each missing name).
     params = {name: value for name, value in params.items() if not name.startswith("learning_rate")}
+    params.update({p.name: p for p in train_network.get_parameters() if p.name.startswith("learning_rate")})
     not_loaded, _ = ms.load_param_into_net(train_network, params, strict_load=True)
-    not_loaded = [name for name in not_loaded if not name.startswith("learning_rate")]
     if not_loaded:
         raise ckpt.CheckpointError(f"{path} lacks {len(not_loaded)} parameter(s) of this run's network and "
                                    f"optimizer (e.g. {not_loaded[:3]}); was it written with another model or "
