@@ -17,7 +17,7 @@ class names), for use from PyTorch.
 import argparse
 import logging
 
-from vit_ms.cli import ArgumentParser, run_script
+from vit_ms.cli import ArgumentParser, log_to_console, run_script
 
 # The naming schemes of vit_ms.checkpoint.SOURCES and the export targets of EXPORT_TARGETS, spelled out so
 # that --help answers without importing MindSpore (tests/test_checkpoint_cli.py checks they agree).
@@ -82,7 +82,7 @@ def read_class_names(path) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_console()
     from vit_ms.checkpoint import convert_checkpoint, export_checkpoint, resolve_pretrained
 
     try:

@@ -19,7 +19,8 @@ import json
 import logging
 from pathlib import Path
 
-from vit_ms.cli import ArgumentParser, run_script, add_model_source_arguments, check_model_source, quiet_mindspore
+from vit_ms.cli import (ArgumentParser, add_model_source_arguments, check_model_source, log_to_console,
+                        quiet_mindspore, run_script)
 
 OUTPUTS = ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "report.html")
 
@@ -57,7 +58,7 @@ def confusion_csv(labels, matrix) -> str:
 def main(argv=None) -> int:
     quiet_mindspore()
     parser, args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_console()
     import mindspore as ms
 
     from vit_ms import viz

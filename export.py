@@ -18,7 +18,8 @@ resizes, crops and normalises inside the graph.
 import logging
 from pathlib import Path
 
-from vit_ms.cli import ArgumentParser, run_script, add_model_source_arguments, check_model_source, quiet_mindspore
+from vit_ms.cli import (ArgumentParser, add_model_source_arguments, check_model_source, log_to_console,
+                        quiet_mindspore, run_script)
 
 
 def parse_args(argv=None):
@@ -66,7 +67,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     quiet_mindspore()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_console()
     import mindspore as ms
 
     from vit_ms.evaluate import load_classifier

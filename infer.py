@@ -19,7 +19,8 @@ none was (all unreadable or none found), 2 for bad flags or a refused --output_d
 import argparse
 import logging
 
-from vit_ms.cli import ArgumentParser, run_script, add_model_source_arguments, check_model_source, quiet_mindspore
+from vit_ms.cli import (ArgumentParser, add_model_source_arguments, check_model_source, log_to_console,
+                        quiet_mindspore, run_script)
 
 
 def parse_args(argv=None):
@@ -58,7 +59,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     quiet_mindspore()
     parser, args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_console()
     import json
 
     import mindspore as ms

@@ -20,7 +20,7 @@ import logging
 import sys
 
 from vit_ms import interrupts
-from vit_ms.cli import ArgumentParser, quiet_mindspore, require_device_target
+from vit_ms.cli import LOG_DATE_FORMAT, LOG_FORMAT, ArgumentParser, quiet_mindspore, require_device_target
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -148,7 +148,7 @@ def _console_logging():
     # settings adjusted while resolving, and the follow-up steps.
     package = logging.getLogger("vit_ms")
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
     previous = package.level
     package.setLevel(logging.INFO)
     package.addHandler(handler)

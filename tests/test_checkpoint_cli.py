@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,7 +181,7 @@ def test_scripts_report_a_damaged_checkpoint_in_one_line(tmp_path, script):
     result = subprocess.run([sys.executable, str(REPO / script), *args[script]], cwd=tmp_path, env=SCRIPT_ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
-    ours = [line for line in result.stderr.splitlines() if line.startswith("ERROR root:")]
+    ours = [line for line in result.stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d ERROR ", line)]
     assert len(ours) == 1 and str(cut) in ours[0] and "truncated or corrupt" in ours[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.ckpt").exists()

@@ -208,7 +208,7 @@ def test_small_batches_pack_the_weights_and_predict_the_same(workdir, from_check
     else:
         assert "weights packed for inference (2 blocks)" in run.stderr
     fixed = [line for line in run.stderr.splitlines() if "one graph for batches" in line]
-    assert [line.split(": ", 1)[1] for line in fixed] == (
+    assert [line.split(" INFO ", 1)[1] for line in fixed] == (
         ["one graph for batches of 3 images (a shorter batch is padded)"] if batch_size == 3 else [])
     packed = {p["path"]: p["top_k"] for p in json.loads(run.stdout)["predictions"]}
     assert sorted(packed) == sorted(p["path"] for p in from_checkpoint["predictions"])

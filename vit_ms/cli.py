@@ -30,6 +30,17 @@ def run_script(main: Callable[[], int]) -> None:
     sys.exit(status)
 
 
+# One console line format for every script, the one train.py's run log (vit_ms.training.rundir) writes.
+LOG_FORMAT, LOG_DATE_FORMAT = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"
+
+
+def log_to_console() -> None:
+    """INFO and above on stderr, as "12:04:05 INFO message"."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+
+
 def quiet_mindspore() -> None:
     """MindSpore's console at the level a user reads; call before MindSpore is imported (it reads these
     once). A user's own settings win.
