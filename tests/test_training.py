@@ -375,6 +375,7 @@ def test_a_vit_ms_checkpoint_in_pretrained_brings_its_architecture_and_resume_ne
     log = (tuned.output_dir / "train.log").read_text()
     assert "is a vit_ms checkpoint of a ViT with width 32, depth 1, 2 heads, patch 8" in log
     assert f"image size 16 px: {pretrained}'s own" in log and "resampled" not in log
+    assert "INFO model: {" in log and "INFO model vit_b_16" not in log  # it names no model it does not train
     assert f"loaded 20 tensors from {pretrained} (vit_ms names)" in log  # every one: the same 3 classes
     meta = read_metadata(tuned.last_checkpoint)
     assert {k: meta["model"][k] for k in TINY_MODEL} == TINY_MODEL and meta["model"]["image_size"] == 16

@@ -24,7 +24,7 @@ from mindspore.train.metrics import TopKCategoricalAccuracy
 
 from .. import checkpoint as ckpt
 from .. import data, graph_cache, interrupts
-from ..config import Preprocess, ViTConfig, get_config
+from ..config import PRESETS, Preprocess, ViTConfig, get_config
 from ..layers import use_fused_kernels
 from ..model import ViT, set_dynamic_batch
 from . import rundir
@@ -397,8 +397,8 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
     if writer:
         callbacks.append(EpochRecorder(state, out, trainer.net, _metadata(cfg, batches), cfg.epochs,
                                        top5=batches.config.num_classes > 5, ema=trainer.ema))
-    logger.info("model %s: %s, %d trainable parameters; %d train steps of %d per epoch (%d optimizer steps), "
-                "%d val images, %d classes", cfg.model,
+    logger.info("model%s: %s, %d trainable parameters; %d train steps of %d per epoch (%d optimizer steps), "
+                "%d val images, %d classes", _preset_name(cfg.model, batches.config),
                 {k: v for k, v in batches.config.to_dict().items() if k != "num_classes"},
                 sum(p.size for p in trainer.net.trainable_params()), batches.steps_per_epoch,
                 cfg.batch_size * group_size, batches.optimizer_steps, batches.val_images, len(batches.classes))
@@ -438,6 +438,15 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
                     cfg.epochs - initial_epoch, time.perf_counter() - started, 100 * result.best_top1,
                     best_path, last_path)
     return result
+
+
+def _preset_name(model: str, config: ViTConfig) -> str:
+    """" vit_ti_16" where `config` has that preset's architecture; "" where it came from elsewhere (the
+    --pretrained weights, --model_override), so that the log never names a model the run does not train."""
+    shape = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")
+    preset = PRESETS.get(model)
+    same = preset is not None and all(getattr(preset, k) == getattr(config, k) for k in shape)
+    return f" {model}" if same else ""
 
 
 def _skip_finished_epochs(dataset, epochs_done: int, steps_per_epoch: int, sink_mode: bool) -> None:
