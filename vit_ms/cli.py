@@ -1,10 +1,11 @@
-"""Command-line pieces shared by train.py, eval.py, infer.py and export.py: exact flags, where the model
-comes from, and whether the installed MindSpore can use the device asked for.
+"""Command-line pieces shared by train.py, eval.py, infer.py, export.py and convert.py: exact flags, where
+the model comes from, one console log format, and whether the installed MindSpore can use the device asked for.
 
 Imports nothing heavy, so a script's `--help` answers before MindSpore is loaded.
 """
 import argparse
 import difflib
+import logging
 import re
 import sys
 from pathlib import Path
@@ -36,8 +37,6 @@ LOG_FORMAT, LOG_DATE_FORMAT = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S
 
 def log_to_console() -> None:
     """INFO and above on stderr, as "12:04:05 INFO message"."""
-    import logging
-
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
 
 
