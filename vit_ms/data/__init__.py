@@ -9,8 +9,9 @@ Modules, one concept each:
   `load_image` / `preprocess_image` for single images; one decoding convention for all of them.
 - `augment`: fine-tuning augmentation: an auto-augment policy, colour jitter, random erasing
   (`train_augmentations`, used by `create_dataset(..., augmentation=...)`) and batch Mixup/CutMix.
+- `shrink`: a copy of an image folder with large photos made smaller (`shrink_images`), once, for speed.
 - `sample`: the embedded offline sample set; `download`: the tutorial's ImageNet subset.
-- `__main__`: `python -m vit_ms.data {verify,sample,download}`.
+- `__main__`: `python -m vit_ms.data {verify,shrink,sample,download}`.
 
 Every public name is importable from `vit_ms.data`. Names load on first use, so `python -m vit_ms.data
 verify` and the check do not import MindSpore.
@@ -26,6 +27,7 @@ _EXPORTS = {
                  "class_names", "scan_split", "scan_split_paths", "create_dataset"],
     "augment": ["AUTO_AUGMENT_POLICIES", "policy_op", "train_augmentations", "smooth_one_hot", "cutmix_box",
                 "MixupCutmix", "add_batch_mixup"],
+    "shrink": ["ShrinkReport", "shrink_images", "short_side_for", "large_photo_hint"],
     "sample": ["SAMPLE_CLASSES", "SAMPLE_VERSION", "ensure_sample_dataset"],
     "download": ["TUTORIAL_URL", "download_tutorial_dataset"],
 }

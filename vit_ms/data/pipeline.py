@@ -279,6 +279,21 @@ class _EncodedImages:
         return len(self.paths)
 
 
+_HINTED_ROOTS = set()
+
+
+def _hint_large_photos(root, paths: Sequence[str], image_size: int, shard_id: Optional[int]) -> None:
+    """Once per data root and process (rank 0 only): suggest `python -m vit_ms.data shrink` for big photos."""
+    key = Path(root).expanduser().resolve()
+    if shard_id in (None, 0) and key not in _HINTED_ROOTS:
+        _HINTED_ROOTS.add(key)
+        from .shrink import large_photo_hint
+
+        hint = large_photo_hint(paths, image_size)
+        if hint:
+            logger.info(hint)
+
+
 def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *, training: Optional[bool] = None,
                    num_workers: Optional[int] = None, num_shards: Optional[int] = None,
                    shard_id: Optional[int] = None, shuffle: Optional[bool] = None,
@@ -354,6 +369,7 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
                            f"`python -m vit_ms.data verify {root}` to see why")
     if num_shards is not None and len(paths) < num_shards:
         raise DatasetError(f"{Path(root) / split} has {len(paths)} images, fewer than {num_shards} shards")
+    _hint_large_photos(root, paths, preprocess.image_size, shard_id)
 
     # One thread: the source only reads bytes and the C++ map below does the real work. Two source
     # threads fight over the GIL with the map's workers: 3-10x slower epochs with 2 map workers
