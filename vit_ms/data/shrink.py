@@ -155,8 +155,8 @@ def large_photo_hint(paths: Sequence, image_size: int, sample: int = 16) -> Opti
         return None
     folder = Path(os.path.commonpath([str(p) for p in picked])) if len(picked) > 1 else Path(picked[0]).parent
     return (f"the images under {folder} are large (median short side {median(sides):.0f} px of {len(sides)} "
-            f"sampled): decoding them takes longer than the model at {image_size} px; a copy with a "
-            f"{target} px short side decodes several times faster: python -m vit_ms.data shrink SRC DST "
+            f"sampled): decoding them takes longer than the model at {image_size} px; a copy with its short "
+            f"side at {target} px decodes several times faster: python -m vit_ms.data shrink SRC DST "
             f"--short_side {target} (README, \"Large photos\")")
 
 
