@@ -18,13 +18,11 @@ as the pipelines would read the files:
 
 The default short side, 800 px, keeps `RandomResizedCrop` honest at 224 px: its smallest crop, 8 % of the
 area (DeiT's and the finetune recipe's scale 0.08), is still sqrt(0.08) x 800 = 226 px on a square photo's
-side, so a training crop is upsampled no more than the original's would be. For `--image_size S` use
-about 3.6 x S.
+side, so even that crop is not upsampled. For `--image_size S` use about 3.6 x S.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import shutil
@@ -38,8 +36,6 @@ from PIL import Image
 
 from ..files import atomic_path
 from .files import DatasetError, check_image, list_images, worker_count
-
-logger = logging.getLogger(__name__)
 
 RANDOM_CROP_MIN_AREA = 0.08  # DeiT's and timm's RandomResizedCrop scale floor, the finetune recipe's
 JPEG_QUALITY = 95
