@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--drop_path_rate", type=float, help="stochastic depth at the last block")
     group.add_argument("--pretrained", help="initial weights: a checkpoint file (ours, the tutorial's, timm, "
                                             "torchvision, JAX) or a vit_ms.checkpoint.ZOO name such as "
-                                            "augreg_vit_ti_16_224 (downloaded); a zoo name or a vit_ms checkpoint "
-                                            "brings its architecture and preprocessing (--model is not used); "
-                                            "--resume reads it no more")
+                                            "augreg_vit_ti_16_224 (downloaded); each brings its architecture and "
+                                            "preprocessing, as convert.py reads it (--model only where a file's "
+                                            "shapes are that preset's); --resume reads it no more")
     group.add_argument("--freeze_backbone", action=BOOL, help="train the head only (a linear probe)")
     group.add_argument("--train_final_norm", action=BOOL, help="with --freeze_backbone: train the final norm too")
     group.add_argument("--recompute", action=BOOL, help="recompute encoder-block activations in the backward "

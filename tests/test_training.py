@@ -18,7 +18,7 @@ from mindspore import nn
 from PIL import Image
 
 from vit_ms import create_model
-from vit_ms.checkpoint import CheckpointError, load_model, read_metadata, read_params
+from vit_ms.checkpoint import CheckpointError, export_checkpoint, load_model, read_metadata, read_params
 from vit_ms.data import DatasetError
 from vit_ms.training import (RunFolderError, SoftCrossEntropy, TrainingDiverged, create_optimizer, lr_schedule,
                              param_groups, read_metrics, resolve_train_config, run_followups, train)
@@ -388,6 +388,30 @@ def test_a_vit_ms_checkpoint_in_pretrained_brings_its_architecture_and_resume_ne
     assert [r["epoch"] for r in read_metrics(resumed.output_dir)] == [1, 2]
     resumed_meta = read_metadata(resumed.last_checkpoint)
     assert resumed_meta["model"] == meta["model"] and resumed_meta["preprocess"] == meta["preprocess"]
+
+
+def test_a_foreign_weights_file_in_pretrained_brings_its_architecture_as_convert_reads_it(tiny_run, tmp_path):
+    # timm's names (what `convert.py --to timm` writes, what timm's save_file gives): no metadata, so the
+    # architecture comes from the shapes, as convert.py reads them, and --model ViT-B is not used. Width 32
+    # has no standard head count: the run's --model_override num_heads gives it, and without it the run
+    # stops before anything is written, naming the way out.
+    cfg, result = tiny_run
+    timm_file = export_checkpoint(result.best_checkpoint, tmp_path / "tiny_timm.safetensors", "timm")
+    cfg = dataclasses.replace(cfg, model="vit_b_16", pretrained=str(timm_file), image_size=None, epochs=1,
+                              model_overrides={"num_heads": 2}, output_dir=str(tmp_path / "from_timm"))
+    tuned = train(cfg)
+    log = (tuned.output_dir / "train.log").read_text()
+    assert (f"--pretrained {timm_file} holds a ViT with width 32, depth 1, 2 heads, patch 8 (timm names): "
+            f"training that architecture (not --model vit_b_16)") in log
+    assert f"image size 16 px: {timm_file}'s own" in log and f"loaded 20 tensors from {timm_file} (timm names)" in log
+    meta = read_metadata(tuned.last_checkpoint)
+    assert {k: meta["model"][k] for k in TINY_MODEL} == TINY_MODEL and meta["model"]["image_size"] == 16
+    # timm's numerics and preprocessing convention (convert.py's): eps 1e-6, exact GELU, ImageNet statistics.
+    assert (meta["model"]["norm_eps"], meta["model"]["gelu_approximate"]) == (1e-6, False)
+    assert meta["preprocess"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    with pytest.raises(CheckpointError, match="width 32, which has no standard head count"):
+        train(dataclasses.replace(cfg, model_overrides={}, output_dir=str(tmp_path / "no_heads")))
+    assert not (tmp_path / "no_heads").exists()
 
 
 def test_two_runs_with_one_seed_end_bit_for_bit_alike(tiny_run, tmp_path):

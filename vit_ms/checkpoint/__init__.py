@@ -24,7 +24,8 @@ To support a new source of weights, add ONE module to `vit_ms/checkpoint/formats
 export ours back) and add it to the table in `formats/__init__.py`; detection, conversion, convert.py's
 `--source` and the registry test pick it up from there.
 """
-from .conversion import EXPORT_TARGETS, STANDARD_HEADS, convert_checkpoint, export_checkpoint
+from .conversion import (EXPORT_TARGETS, STANDARD_HEADS, WeightsDescription, convert_checkpoint,
+                         describe_weights, export_checkpoint)
 from .format import (FORMAT_VERSION, META_KEY, CheckpointError, config_from_metadata, make_metadata,
                      parse_metadata, save_checkpoint, tensor_digest, verify_integrity)
 from .formats import FORMATS, SOURCES, WeightFormat
@@ -42,6 +43,7 @@ __all__ = ["META_KEY", "FORMAT_VERSION", "SOURCES", "FORMATS", "FILE_TYPES", "We
            "LoadReport", "make_metadata", "parse_metadata", "save_checkpoint", "read_metadata",
            "config_from_metadata", "tensor_digest", "verify_integrity", "load_model", "load_weights",
            "read_training_checkpoint", "read_params", "detect_source", "convert", "resample_pos_embed",
-           "infer_config", "convert_checkpoint", "export_checkpoint", "EXPORT_TARGETS", "STANDARD_HEADS",
+           "infer_config", "describe_weights", "WeightsDescription", "convert_checkpoint", "export_checkpoint",
+           "EXPORT_TARGETS", "STANDARD_HEADS",
            "ZOO", "PRETRAINED", "Weights", "PretrainedSource", "default_cache_dir", "resolve_pretrained",
            "download_weights", "create_pretrained"]

@@ -56,33 +56,17 @@ def convert_checkpoint(src, dst, source: str = "auto", model: Optional[str] = No
         interpolation: resize filter ("bilinear", "bicubic", ...).
         class_names: one name per class, in logit order (default: the checkpoint's or config.json's).
     """
-    params, meta = read_params(src)
-    if source == "auto":
-        source = detect_source(list(params) + ([META_KEY] if meta is not None else []))
-    converted = convert_detailed(params, source)
-    fmt = FORMATS[source]
-    hints = fmt.read_hints(Path(src)) if (meta is None and fmt.read_hints) else Hints()
-    if meta is not None:
-        base, preprocess = config_from_metadata(meta)
-        names = meta.get("class_names")
-    else:
-        base = _config_from_weights(converted, source, model, num_heads, src, hints)
-        preprocess, names = None, hints.class_names
+    weights = describe_weights(src, source, model, num_heads)
+    converted, source, names = weights.converted, weights.source, weights.class_names
     overrides = {k: v for k, v in (("num_classes", num_classes), ("image_size", image_size),
                                    ("num_heads", num_heads)) if v is not None}
-    config = dataclasses.replace(base, **overrides)
+    config = dataclasses.replace(weights.config, **overrides)
     names = list(class_names) if class_names is not None else names
     if class_names is not None and len(names) != config.num_classes:
         raise CheckpointError(f"{len(names)} class names for a model with {config.num_classes} classes")
     if names is not None and len(names) != config.num_classes:
         names = None  # a new head: the old names do not apply
-    if preprocess is None:
-        default_mean = tuple(hints.preprocess.get("mean", fmt.mean))
-        default_std = tuple(hints.preprocess.get("std", fmt.std))
-        fits = len(default_mean) == config.in_channels  # else Preprocess's per-channel-count default
-        others = {k: v for k, v in hints.preprocess.items() if k in ("crop_pct", "interpolation")}
-        preprocess = Preprocess.for_model(config, **({"mean": default_mean, "std": default_std} if fits else {}),
-                                          **others)
+    preprocess = weights.preprocess
     changes = {"image_size": config.image_size, "mean": tuple(mean) if mean else None,
                "std": tuple(std) if std else None, "crop_pct": crop_pct, "interpolation": interpolation}
     preprocess = dataclasses.replace(preprocess, **{k: v for k, v in changes.items() if v is not None})
@@ -92,6 +76,38 @@ def convert_checkpoint(src, dst, source: str = "auto", model: Optional[str] = No
     assign(report, assignments)
     save_checkpoint(net, dst, metadata)
     return Path(dst), report, config
+
+
+@dataclasses.dataclass
+class WeightsDescription:
+    """What a weights file is, as `describe_weights` reads it."""
+
+    config: ViTConfig  # from the metadata (a vit_ms checkpoint), else from the shapes, hints and conventions
+    preprocess: Preprocess  # the metadata's, else the scheme's convention (and an HF preprocessor_config.json)
+    source: str  # the naming scheme, a key of FORMATS
+    converted: Converted  # the tensors in our names
+    class_names: Optional[list] = None
+
+
+def describe_weights(src, source: str = "auto", model: Optional[str] = None,
+                     num_heads: Optional[int] = None) -> WeightsDescription:
+    """The model and preprocessing a weights file holds, as `convert_checkpoint` would write them (nothing
+    is written). See `convert_checkpoint` for `source`, `model` and `num_heads`."""
+    params, meta = read_params(src)
+    if source == "auto":
+        source = detect_source(list(params) + ([META_KEY] if meta is not None else []))
+    converted = convert_detailed(params, source)
+    if meta is not None:
+        config, preprocess = config_from_metadata(meta)
+        return WeightsDescription(config, preprocess, source, converted, meta.get("class_names"))
+    fmt = FORMATS[source]
+    hints = fmt.read_hints(Path(src)) if fmt.read_hints else Hints()
+    config = _config_from_weights(converted, source, model, num_heads, src, hints)
+    mean, std = tuple(hints.preprocess.get("mean", fmt.mean)), tuple(hints.preprocess.get("std", fmt.std))
+    fits = len(mean) == config.in_channels  # else Preprocess's per-channel-count default
+    others = {k: v for k, v in hints.preprocess.items() if k in ("crop_pct", "interpolation")}
+    preprocess = Preprocess.for_model(config, **({"mean": mean, "std": std} if fits else {}), **others)
+    return WeightsDescription(config, preprocess, source, converted, hints.class_names)
 
 
 def _config_from_weights(converted: Converted, source, model, num_heads, src, hints: Hints) -> ViTConfig:
@@ -150,4 +166,5 @@ def export_checkpoint(src, dst, to: str):
         raise CheckpointError(f"cannot export {src} to {to}: {error}") from error
 
 
-__all__ = ["STANDARD_HEADS", "EXPORT_TARGETS", "convert_checkpoint", "export_checkpoint"]
+__all__ = ["STANDARD_HEADS", "EXPORT_TARGETS", "WeightsDescription", "describe_weights", "convert_checkpoint",
+           "export_checkpoint"]

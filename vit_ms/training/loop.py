@@ -186,11 +186,13 @@ def _fit_batch_size(cfg: TrainConfig, root: Path, group_size: int) -> TrainConfi
 
 def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path] = None,
                   saved: Optional[Path] = None) -> tuple:
-    """(ViTConfig, Preprocess) of the run: a ZOO name in --pretrained, or a vit_ms checkpoint (`pretrained`,
-    the resolved file: one of our runs, or weights `convert.py` wrote), brings its architecture and its
-    preprocessing (mean, std, interpolation, image size unless the run sets one), so eval and infer read the
-    weights' own from the checkpoint metadata; otherwise --model with --model_override and the preset's. A
-    resumed run (`saved`: its last.ckpt) takes both from what it saved, whatever --pretrained names."""
+    """(ViTConfig, Preprocess) of the run. --pretrained brings its architecture and preprocessing (mean, std,
+    interpolation; the image size unless the run sets one), so eval and infer read the weights' own from the
+    checkpoint metadata: a ZOO name its entry's; a vit_ms checkpoint (`pretrained`, the resolved file: one of
+    our runs, or what `convert.py` wrote) its metadata's; another file (timm, HF, torchvision, JAX ...) what
+    `convert.py` would write for it, --model's preset where the shapes are that preset's. Without weights,
+    --model with --model_override and the preset's. A resumed run (`saved`: its last.ckpt) takes both from
+    what it saved, whatever --pretrained names."""
     entry = ckpt.ZOO.get(cfg.pretrained)
     # A vit_ms .ckpt carries its model and preprocessing (vit_ms.checkpoint.format); other files do not.
     own = entry is None and pretrained is not None and pretrained.suffix.lower() == ".ckpt"
@@ -208,6 +210,16 @@ def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path]
         logger.info("--pretrained %s is a vit_ms checkpoint of a ViT with width %d, depth %d, %d heads, patch %d: "
                     "training that architecture (--model %s not used)", pretrained, source.embed_dim, source.depth,
                     source.num_heads, source.patch_size, cfg.model)
+    elif pretrained is not None:  # timm, HF, torchvision, JAX, mindcv, the tutorial's: read as convert.py reads it
+        try:  # --model where the weights' shapes are its preset's (its heads and numerics, as before)
+            weights = ckpt.describe_weights(pretrained, model=cfg.model)
+        except ckpt.CheckpointError:  # another architecture: the standard heads and the scheme's numerics
+            weights = ckpt.describe_weights(pretrained, num_heads=cfg.model_overrides.get("num_heads"))
+            logger.info("--pretrained %s holds a ViT with width %d, depth %d, %d heads, patch %d (%s names): "
+                        "training that architecture (not --model %s)", pretrained, weights.config.embed_dim,
+                        weights.config.depth, weights.config.num_heads, weights.config.patch_size, weights.source,
+                        cfg.model)
+        source, preprocess, origin = weights.config, weights.preprocess, f"{pretrained}'s own"
     else:
         source, origin = cfg.model, f"the {cfg.model} preset's"
     settings = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path_rate)
