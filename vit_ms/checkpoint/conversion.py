@@ -128,7 +128,8 @@ def _config_from_weights(converted: Converted, source, model, num_heads, src, hi
     heads = num_heads or hints.config.get("num_heads") or converted.num_heads or STANDARD_HEADS.get(fields["embed_dim"])
     if heads is None:
         raise CheckpointError(f"the weights of {src} have width {fields['embed_dim']}, which has no standard "
-                              f"head count; pass num_heads (convert.py --num_heads) or a preset (--model)")
+                              f"head count; pass num_heads (convert.py --num_heads; train.py --model_override "
+                              f"num_heads=N) or a preset with these shapes (--model)")
     if not (num_heads or hints.config.get("num_heads") or converted.num_heads):
         logger.info("num_heads=%d: the standard count for width %d (pass num_heads if yours differs)",
                     heads, fields["embed_dim"])

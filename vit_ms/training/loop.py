@@ -453,12 +453,14 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
 
 
 def _preset_name(model: str, config: ViTConfig) -> str:
-    """" vit_ti_16" where `config` has that preset's architecture; "" where it came from elsewhere (the
-    --pretrained weights, --model_override), so that the log never names a model the run does not train."""
+    """" vit_ti_16": the preset whose architecture `config` has (--model's first); "" for none (e.g. after
+    --model_override), so that the log never names a model the run does not train."""
     shape = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")
-    preset = PRESETS.get(model)
-    same = preset is not None and all(getattr(preset, k) == getattr(config, k) for k in shape)
-    return f" {model}" if same else ""
+    for name in [model] + [name for name in PRESETS if name != model]:
+        preset = PRESETS.get(name)
+        if preset is not None and all(getattr(preset, k) == getattr(config, k) for k in shape):
+            return f" {name}"
+    return ""
 
 
 def _skip_finished_epochs(dataset, epochs_done: int, steps_per_epoch: int, sink_mode: bool) -> None:
