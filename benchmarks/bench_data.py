@@ -12,6 +12,12 @@ with 1 and 2 workers. The pre-pass file check is timed separately. Example:
 
     python benchmarks/bench_data.py --images 200 --output outputs/bench_data.json
 
+`--mode photos` times the same train and eval pipelines on camera-sized JPEGs (about 4000x3000) against the
+copy `python -m vit_ms.data shrink` makes of them (800 px short side, `--short-side`), in alternating
+rounds, and the shrinking itself (README, "Large photos"). Example (about 3 minutes on 2 cores):
+
+    python benchmarks/bench_data.py --mode photos --images 40 --repeats 3
+
 `--mode scale` measures the start of a run on a large ImageFolder instead (issue 11): a synthetic set of
 `--files` small JPEGs (default 100,000, 100 classes, a few bad files), generated once and cached under
 `$VIT_MS_HOME/datasets/bench-scale-<N>`. Each setting runs in fresh processes, as a training start does:
@@ -67,6 +73,62 @@ def make_jpegs(folder: Path, count: int, classes: int = 4, seed: int = 0) -> Non
         out = folder / "train" / f"class_{i % classes}"
         out.mkdir(parents=True, exist_ok=True)
         image.save(out / f"{i:05d}.jpg", quality=90)
+
+
+def make_photos(folder: Path, count: int, long_side: int = 4000, classes: int = 4, seed: int = 0) -> None:
+    """Camera-sized photo-like JPEGs (quality 90): `make_jpegs`' texture at about `long_side` x 3/4 of it."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        width, height = (long_side, long_side * 3 // 4) if i % 3 else (long_side * 3 // 4, long_side)
+        coarse = rng.integers(0, 256, (height // 200 + 1, width // 200 + 1, 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.int16)
+        image += rng.integers(-8, 9, (height, width, 3), dtype=np.int16)  # sensor-like grain
+        out = folder / "train" / f"class_{i % classes}"
+        out.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out / f"{i:05d}.jpg", quality=90)
+
+
+def photos_main(args) -> int:
+    """The train and eval pipelines on camera-sized photos and on their shrunk copy, alternating rounds."""
+    from vit_ms.data.shrink import short_side_for, shrink_images
+
+    preprocess = Preprocess(image_size=args.image_size)
+    short_side = args.short_side or short_side_for(args.image_size)
+    workers = max(args.workers)
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix="vit_ms_bench_photos_") as tmp:
+        big, small = Path(tmp) / "photos", Path(tmp) / "shrunk"
+        make_photos(big, args.images)
+        start = time.perf_counter()
+        report = shrink_images(big, small, short_side, workers)
+        shrink_s = time.perf_counter() - start
+        size_mb = {"photos": sum(p.stat().st_size for p in list_images(big)) / 1e6, "shrunk": report.bytes_out / 1e6}
+        for round_ in range(args.repeats):
+            order = (("photos", big), ("shrunk", small))
+            for name, root in (order if round_ % 2 == 0 else order[::-1]):
+                for pipeline, training in (("train", True), ("eval", False)):
+                    dataset, _ = create_dataset(root, "train", preprocess, args.batch_size, training=training,
+                                                num_workers=workers, check="none")
+                    timings.setdefault((name, pipeline), []).append(args.images / time_pass(dataset))
+    lines = [f"{args.images} photo-like JPEGs about 4000x3000 -> {args.image_size}x{args.image_size}, batch "
+             f"{args.batch_size}, {workers} workers, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+             f"shrink to a {short_side} px short side: {shrink_s:.1f} s ({report.summary()})",
+             f"| images | MB | pipeline | images/s (median of {args.repeats} rounds) | spread |", "|---|---|---|---|---|"]
+    rows = []
+    for (name, pipeline), values in timings.items():
+        median = float(np.median(values))
+        spread = (max(values) - min(values)) / median
+        rows.append({"images": name, "pipeline": pipeline, "images_per_s": round(median, 1), "spread": round(spread, 3)})
+        lines.append(f"| {name} | {size_mb[name]:.0f} | {pipeline} | {median:.1f} | {100 * spread:.0f}% |")
+    for pipeline in ("train", "eval"):
+        ratio = timings[("shrunk", pipeline)], timings[("photos", pipeline)]
+        lines.append(f"{pipeline}: shrunk / photos = {np.median(ratio[0]) / np.median(ratio[1]):.2f}x")
+    print("\n".join(lines))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"images": args.images, "short_side": short_side, "shrink_s": shrink_s,
+                                           "results": rows}, indent=2) + "\n")
+    return 0
 
 
 def time_pass(dataset) -> float:
@@ -228,9 +290,12 @@ def scale_main(args) -> int:
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("throughput", "scale", "child"), default="throughput",
-                        help="throughput: images/s of each pipeline (default); scale: start-up time on a large "
+    parser.add_argument("--mode", choices=("throughput", "photos", "scale", "child"), default="throughput",
+                        help="throughput: images/s of each pipeline (default); photos: the pipelines on "
+                             "camera-sized JPEGs and on their shrunk copy; scale: start-up time on a large "
                              "ImageFolder, cold and warm, 1 and 2 ranks (child: one rank of it, internal)")
+    parser.add_argument("--short-side", type=int, default=None,
+                        help="photos: the shrunk copy's short side (default: short_side_for(--image-size), 800)")
     parser.add_argument("--files", type=int, default=100_000, help="scale: files in the synthetic set (default 100000)")
     parser.add_argument("--data", type=Path, default=None,
                         help="scale: where the synthetic set lives (default $VIT_MS_HOME/datasets/bench-scale-N)")
@@ -254,6 +319,9 @@ def main(argv=None) -> int:
     if args.mode == "scale":
         args.batch_size = args.batch_size or 64
         return scale_main(args)
+    if args.mode == "photos":
+        args.batch_size = args.batch_size or 16
+        return photos_main(args)
     args.batch_size = args.batch_size or 16
     preprocess = Preprocess(image_size=args.image_size)
 
