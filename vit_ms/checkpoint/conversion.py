@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from ..config import Preprocess, ViTConfig, get_config
 from .format import META_KEY, CheckpointError, config_from_metadata, make_metadata, save_checkpoint
@@ -87,12 +87,14 @@ class WeightsDescription:
     source: str  # the naming scheme, a key of FORMATS
     converted: Converted  # the tensors in our names
     class_names: Optional[list] = None
+    preset: Optional[str] = None  # the `model` preset the config was built on (None: read off the weights)
 
 
-def describe_weights(src, source: str = "auto", model: Optional[str] = None,
-                     num_heads: Optional[int] = None) -> WeightsDescription:
+def describe_weights(src, source: str = "auto", model: Optional[str] = None, num_heads: Optional[int] = None,
+                     model_must_fit: bool = True) -> WeightsDescription:
     """The model and preprocessing a weights file holds, as `convert_checkpoint` would write them (nothing
-    is written). See `convert_checkpoint` for `source`, `model` and `num_heads`."""
+    is written). See `convert_checkpoint` for `source`, `model` and `num_heads`; with `model_must_fit=False`
+    a `model` whose shapes are not the weights' is passed over (`preset` None) instead of raising."""
     params, meta = read_params(src)
     if source == "auto":
         source = detect_source(list(params) + ([META_KEY] if meta is not None else []))
@@ -102,15 +104,17 @@ def describe_weights(src, source: str = "auto", model: Optional[str] = None,
         return WeightsDescription(config, preprocess, source, converted, meta.get("class_names"))
     fmt = FORMATS[source]
     hints = fmt.read_hints(Path(src)) if fmt.read_hints else Hints()
-    config = _config_from_weights(converted, source, model, num_heads, src, hints)
+    config, preset = _config_from_weights(converted, source, model, num_heads, src, hints, model_must_fit)
     mean, std = tuple(hints.preprocess.get("mean", fmt.mean)), tuple(hints.preprocess.get("std", fmt.std))
     fits = len(mean) == config.in_channels  # else Preprocess's per-channel-count default
     others = {k: v for k, v in hints.preprocess.items() if k in ("crop_pct", "interpolation")}
     preprocess = Preprocess.for_model(config, **({"mean": mean, "std": std} if fits else {}), **others)
-    return WeightsDescription(config, preprocess, source, converted, hints.class_names)
+    return WeightsDescription(config, preprocess, source, converted, hints.class_names, preset)
 
 
-def _config_from_weights(converted: Converted, source, model, num_heads, src, hints: Hints) -> ViTConfig:
+def _config_from_weights(converted: Converted, source, model, num_heads, src, hints: Hints,
+                         model_must_fit: bool = True) -> Tuple[ViTConfig, Optional[str]]:
+    """(config, the preset it was built on or None)."""
     fields = infer_config(converted.params)
     shape_fields = dict(fields)
     for name in ("image_size", "patch_size", "in_channels"):  # config.json's, where the shapes say nothing
@@ -120,10 +124,11 @@ def _config_from_weights(converted: Converted, source, model, num_heads, src, hi
         base = get_config(model)
         conflicts = {k: (v, getattr(base, k, None)) for k, v in shape_fields.items()
                      if k not in ("num_classes", "image_size") and getattr(base, k, None) != v}
-        if conflicts:
+        if not conflicts:
+            return dataclasses.replace(base, **fields), model
+        if model_must_fit:
             raise CheckpointError(f"{src} does not hold a {model}: " + ", ".join(
                 f"{k}={v} in the weights, {b} in the preset" for k, (v, b) in conflicts.items()))
-        return dataclasses.replace(base, **fields)
     fmt = FORMATS[source]
     heads = num_heads or hints.config.get("num_heads") or converted.num_heads or STANDARD_HEADS.get(fields["embed_dim"])
     if heads is None:
@@ -135,7 +140,7 @@ def _config_from_weights(converted: Converted, source, model, num_heads, src, hi
                     heads, fields["embed_dim"])
     numerics = {"norm_eps": hints.config.get("norm_eps", fmt.norm_eps),
                 "gelu_approximate": hints.config.get("gelu_approximate", fmt.gelu_approximate)}
-    return ViTConfig(num_heads=int(heads), **numerics, **fields)
+    return ViTConfig(num_heads=int(heads), **numerics, **fields), None
 
 
 EXPORT_TARGETS = ("vit_ms",) + tuple(name for name, fmt in FORMATS.items() if fmt.export is not None)

@@ -211,10 +211,11 @@ def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path]
                     "training that architecture (--model %s not used)", pretrained, source.embed_dim, source.depth,
                     source.num_heads, source.patch_size, cfg.model)
     elif pretrained is not None:  # timm, HF, torchvision, JAX, mindcv, the tutorial's: read as convert.py reads it
-        try:  # --model where the weights' shapes are its preset's (its heads and numerics, as before)
-            weights = ckpt.describe_weights(pretrained, model=cfg.model)
-        except ckpt.CheckpointError:  # another architecture: the standard heads and the scheme's numerics
-            weights = ckpt.describe_weights(pretrained, num_heads=cfg.model_overrides.get("num_heads"))
+        # --model where the weights' shapes are its preset's (its heads and numerics, as before); else the
+        # weights' own architecture with the standard heads and the scheme's numerics. The file is read once.
+        weights = ckpt.describe_weights(pretrained, model=cfg.model, model_must_fit=False,
+                                        num_heads=cfg.model_overrides.get("num_heads"))
+        if weights.preset != cfg.model:
             logger.info("--pretrained %s holds a ViT with width %d, depth %d, %d heads, patch %d (%s names): "
                         "training that architecture (not --model %s)", pretrained, weights.config.embed_dim,
                         weights.config.depth, weights.config.num_heads, weights.config.patch_size, weights.source,
