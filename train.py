@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mixed precision; 'auto': O2 on Ascend, O0 elsewhere (CPU: O0 or O2)")
     group.add_argument("--dataset_sink_mode", action=BOOL, help="feed data through the device queue "
                                                                  "(default: on for Ascend, off elsewhere)")
-    group.add_argument("--seed", type=int, help="seed of weights, shuffling and augmentation (same on all ranks)")
+    group.add_argument("--seed", type=int, help="seed of weights, shuffling, augmentation and stochastic "
+                                               "depth (under msrun rank r augments and drops paths with seed + r)")
     group.add_argument("--output_dir", help="where checkpoints, metrics.jsonl, train.log, curves.png and "
                                             "config.json go")
     group.add_argument("--resume", action=BOOL, help="continue the run in OUTPUT_DIR from its last.ckpt, with its "

@@ -209,6 +209,9 @@ for mode, name in ((ms.GRAPH_MODE, "graph"), (ms.PYNATIVE_MODE, "pynative")):
     block = Block(ViTConfig(image_size=8, patch_size=4, embed_dim=8, depth=4, num_heads=2, mlp_dim=16),
                   drop_path=0.5, fused=False, index=3)
     block.attn, block.mlp = Constant(1.0), Constant(2.0)
+    if len(sys.argv) > 2:  # as data-parallel training parts the ranks' streams: rank argv[2]'s own
+        from vit_ms.training.distributed import seed_rank_streams
+        seed_rank_streams(int(sys.argv[1]), int(sys.argv[2]), block)
     block.set_train(True)
     x = ms.Tensor(np.zeros((64, 1, 8), np.float32))
     # out = x + mask1 * 1 + mask2 * 2 per sample, each mask 0 or 1 / (1 - p) = 2
@@ -225,12 +228,15 @@ def test_drop_path_masks_repeat_in_each_mode_and_process_and_differ_by_branch(tm
     script = tmp_path / "masks.py"  # graph mode compiles the Constant cell from its source file
     script.write_text(_DROP_PATH_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    runs = [subprocess.run([sys.executable, str(script), seed], capture_output=True, text=True, timeout=180, env=env)
-            for seed in ("0", "0", "1")]
+    runs = [subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=180, env=env)
+            for args in (["0"], ["0"], ["1"], ["0", "1"])]
     for run in runs:
         assert run.returncode == 0, run.stderr
-    first, again, other = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    first, again, other, rank_1 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
     assert first == again
+    # Under data parallelism rank r draws from seed + r after the network is built: seed 0's rank 1 drops
+    # as a network built under seed 1 does, and not as its rank 0 (the single process) does.
+    assert rank_1 == other and rank_1 != first
     out = np.array(first["graph"])  # (step, sample, channel)
     np.testing.assert_array_equal(out, np.array(first["pynative"]))
     assert not np.array_equal(out, np.array(other["graph"]))

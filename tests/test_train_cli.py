@@ -192,6 +192,29 @@ def test_linear_probe_from_a_checkpoint_changes_only_the_head_with_recompute(fin
     assert "frozen backbone: training head.weight, head.bias only" in result.stderr
 
 
+def test_a_cached_training_graph_drops_paths_by_the_seed_of_the_run_that_loads_it(tmp_path):
+    # The graph cache's key left the seed out, but DropPath's seeds are compiled into the graph: a --seed 1
+    # run after a --seed 0 run with the same settings dropped by seed 0's masks (different weights from a
+    # fresh --seed 1 run).
+    data = make_image_folder(tmp_path / "data")
+    flags = ["--data_path", str(data), "--epochs", "1", *TINY_FLAGS, "--model_override", "depth=2",
+             "--drop_path_rate", "0.5"]  # two blocks: the first block's rate is 0
+
+    def run(name, seed, home):
+        result = run_train(flags + ["--output_dir", str(tmp_path / name), "--seed", str(seed)], tmp_path,
+                           env=dict(_env(), VIT_MS_HOME=str(tmp_path / home)))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(tmp_path / name / "last.ckpt")).items()
+                if isinstance(v, ms.Tensor)}
+
+    run("seed0", 0, "home")
+    cached, fresh = run("seed1", 1, "home"), run("seed1_fresh", 1, "other_home")
+    assert set(cached) == set(fresh)
+    for name in cached:
+        np.testing.assert_array_equal(cached[name], fresh[name], err_msg=name)
+    assert len(list((tmp_path / "home" / "graphs").iterdir())) == 2  # a graph per seed
+
+
 def test_the_default_model_trains_one_epoch_on_a_tiny_folder(tmp_path):
     # `python train.py --data_path DIR --model vit_ti_16 --epochs 1`: ViT-Ti/16 at 224 px with the scratch
     # recipe's batch of 32 on a folder of 6 training images: the batch shrinks to fit (a warning), the
@@ -266,16 +289,19 @@ def test_sigkill_then_resume_restores_everything_and_loses_no_epoch(tmp_path):
 
 
 def _unique_colour_folder(root: Path, per_class=(8, 2)):
-    """Solid-colour images, each colour used once: a training batch's channel means name its files."""
+    """Images whose red and blue are solid, each (red, blue) used once, and whose green is one left-to-right
+    ramp in all of them: the red and blue means of a training batch name its files whatever the crop, the
+    green means tell which part of the image each crop kept."""
     index = 0
+    ramp = np.broadcast_to(np.linspace(10, 240, 16).round().astype(np.uint8), (16, 16))
     for split, count in zip(("train", "val"), per_class):
         for c in range(3):
             folder = root / split / f"class_{c}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                colour = (20 + 10 * index, 200 - 5 * index, 60 + 40 * c)
+                image = np.stack([np.full((16, 16), 10 + 8 * index), ramp, np.full((16, 16), 60 + 40 * c)], -1)
                 index += 1
-                Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(folder / f"{i:03d}.png")
+                Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:03d}.png")
     return root
 
 
@@ -312,17 +338,21 @@ def test_msrun_two_cpu_workers_train_one_model_on_disjoint_shards(tmp_path):
     for name in final[0]:
         np.testing.assert_array_equal(final[0][name].asnumpy(), final[1][name].asnumpy(), err_msg=name)
 
-    # Each epoch, the two ranks saw disjoint halves that together cover the 24 training images.
-    seen = {}
+    # Each epoch, the two ranks saw disjoint halves that together cover the 24 training images (one shuffle
+    # for both ranks), each cropped by its own rank's random stream: the green ramp's mean over the i-th
+    # crop of rank 0 is not that of rank 1 (with one stream for both, they were equal at every i).
+    seen, crops = {}, {}
     for rank in (0, 1):
         for line in (debug / f"rank_{rank}_batches.jsonl").read_text().splitlines():
             record = json.loads(line)
-            images = {tuple(np.round(m, 2)) for m in record["means"]}
-            seen.setdefault((record["epoch"], rank), []).extend(images)
+            seen.setdefault((record["epoch"], rank), []).extend(tuple(np.round(m[::2], 2)) for m in record["means"])
+            crops.setdefault((record["epoch"], rank), []).extend(m[1] for m in record["means"])
     for epoch in (1, 2):
         a, b = seen[(epoch, 0)], seen[(epoch, 1)]
         assert len(set(a)) == len(a) == 12 and len(set(b)) == len(b) == 12
         assert not set(a) & set(b) and len(set(a) | set(b)) == 24
+        differ = sum(x != y for x, y in zip(crops[(epoch, 0)], crops[(epoch, 1)]))
+        assert differ >= 9, (differ, crops[(epoch, 0)], crops[(epoch, 1)])
 
     # Only rank 0 wrote: one metrics line per epoch, a log without other ranks, the checkpoints.
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]

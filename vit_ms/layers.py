@@ -232,8 +232,22 @@ class DropPath(nn.Cell):
     def __init__(self, p: float = 0.0, stream: int = 0):
         super().__init__()
         self.p = p
+        self.stream = stream
         self.normal = self.dropout = None
-        if p > 0.0 and _device_target() == "CPU":
+        if p > 0.0:
+            self.reseed(ms.get_seed())
+
+    def reseed(self, seed: Optional[int]) -> None:
+        """Draw the masks from the streams of `seed` (None: a fresh seed per process) from now on.
+
+        Takes effect for graphs compiled afterwards. Training calls it on each data-parallel rank with that
+        rank's seed (`vit_ms.training.distributed.seed_rank_streams`), so that the ranks drop different
+        samples' branches.
+        """
+        if self.p == 0.0:
+            return
+        seeds = () if seed is None else (seed, self.stream + 1)
+        if _device_target() == "CPU":
             # keep = z < Phi^-1(1 - p), z ~ N(0, 1): P(keep) = 1 - p. Not nn.Dropout: MindSpore 2.10's CPU
             # Dropout kernel draws from one generator shared by the threads of a parallel launch whose split
             # it tunes by timing (ParallelLaunchAutoSearch), so its masks changed from run to run with the
@@ -241,21 +255,21 @@ class DropPath(nn.Cell):
             # (seed, seed2, launch count) (random_cpu_kernel.cc): the same values every run, checked by
             # tests/test_model.py across processes. ops.bernoulli takes a fresh seed per process (or, seeded,
             # returns the same mask at every step); UniformReal (ops.rand) is deprecated in 2.10.
-            seed = ms.get_seed()
-            self.normal = ops.StandardNormal() if seed is None else ops.StandardNormal(seed, stream + 1)
-            self.threshold = NormalDist().inv_cdf(1.0 - p)
-            self.scale = 1.0 / (1.0 - p)
-        elif p > 0.0:
-            # Ascend and GPU keep the Dropout of ones they always ran (StandardNormal ignores its seeds on
-            # Ascend, says its docstring); untested here, where no such device is.
-            self.dropout = nn.Dropout(p=p)
+            self.normal = ops.StandardNormal(*seeds)
+            self.threshold = NormalDist().inv_cdf(1.0 - self.p)
+            self.scale = 1.0 / (1.0 - self.p)
+        else:
+            # Ascend and GPU keep the Dropout primitive they always ran (nn.Dropout's; StandardNormal ignores
+            # its seeds on Ascend, says its docstring), seeded here rather than from the global op-seed
+            # counter; untested here, where no such device is. It scales its survivors by 1 / (1 - p).
+            self.dropout = ops.Dropout(1.0 - self.p, *seeds)
 
     def construct(self, x):
         if not self.training or self.p == 0.0:
             return x
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # (B, 1, ..., 1)
         if self.dropout is not None:
-            return x * self.dropout(ops.ones(shape, x.dtype))
+            return x * self.dropout(ops.ones(shape, x.dtype))[0]  # (output, mask)
         keep = self.normal((x.shape[0],)) < self.threshold  # (B,), each True with probability 1 - p
         return x * (keep.astype(x.dtype) * self.scale).reshape(shape)
 

@@ -26,7 +26,8 @@ AUTO_AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
 # Recipes that start from pretrained weights and cannot run without them.
 NEEDS_PRETRAINED = ("finetune", "linear_probe")
 # Fields that do not change any compiled graph: left out of the graph-cache key (vit_ms.graph_cache). The
-# lr table's length, which epochs sets, is a graph shape: the loop adds it to the key.
+# lr table's length, which epochs sets, is a graph shape: the loop adds it to the key, and the seed where
+# the model draws in its graph (stochastic depth, dropout: the seeds are the primitives' attributes).
 NOT_GRAPH_FIELDS = ("recipe", "dataset", "data_path", "data_check", "num_workers", "pretrained", "epochs", "seed",
                     "output_dir", "resume", "overwrite", "progress_bar", "followups", "lr", "min_lr",
                     "warmup_epochs")

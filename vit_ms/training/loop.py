@@ -31,7 +31,7 @@ from . import rundir
 from .callbacks import (EpochRecorder, LossGuard, ProgressBar, RunState, StopOnSignal, TrainingDiverged,
                         TrainingInterrupted)
 from .config import TrainConfig, graph_settings
-from .distributed import amp_level_for, init_device, sink_mode_for
+from .distributed import amp_level_for, init_device, rank_seed, seed_rank_streams, sink_mode_for
 from .ema import EmaEvaluator, ModelEMA
 from .optim import SoftCrossEntropy, apply_recompute, create_optimizer, freeze_backbone, lr_schedule
 from .train_step import TrainStep
@@ -129,9 +129,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
         cfg = dataclasses.replace(cfg, image_size=batches.config.image_size)
         # Before the first graph compiles: a second run with the same graph-shaping settings loads them.
         # The lr tables are graph parameters whose length (every optimizer step of the run) is a shape.
-        graph_cache.enable("train", dict(graph_settings(cfg), model_config=batches.config.to_dict(), rank=rank,
-                                         group_size=group_size, lr_steps=cfg.epochs * batches.optimizer_steps))
+        key = dict(graph_settings(cfg), model_config=batches.config.to_dict(), rank=rank, group_size=group_size,
+                   lr_steps=cfg.epochs * batches.optimizer_steps)
+        if _draws_in_graph(batches.config):
+            # DropPath's and Dropout's seeds are attributes of their primitives, compiled into the graph: a
+            # graph cached under another seed would drop by that seed's masks.
+            key["stream_seed"] = rank_seed(cfg.seed, rank)
+        graph_cache.enable("train", key)
         trainer = _build_trainer(cfg, batches, inputs.pretrained, writer)
+        seed_rank_streams(cfg.seed, rank, trainer.net)  # shared weights and shuffle drawn; augment per rank
         if writer:
             _open_run_folder(cfg, inputs.out, logs)
         return _fit(cfg, inputs.out, batches, trainer, rank, group_size, list(callbacks))
@@ -275,7 +281,7 @@ def _build_data(cfg: TrainConfig, inputs: _Inputs, rank: int, group_size: int) -
         train_ds, steps_per_epoch = train_ds.take(whole), whole
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixer = data.MixupCutmix(len(classes), cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob,
-                                 cfg.label_smoothing, seed=cfg.seed)
+                                 cfg.label_smoothing, seed=rank_seed(cfg.seed, rank))
         train_ds = data.add_batch_mixup(train_ds, mixer)  # labels become soft targets (B, classes)
     ema_val = None
     if cfg.ema_decay > 0 and rank == 0:  # only the writing rank evaluates the EMA
@@ -451,6 +457,11 @@ def _fit(cfg: TrainConfig, out: Path, batches: _Data, trainer: _Trainer, rank: i
                     cfg.epochs - initial_epoch, time.perf_counter() - started, 100 * result.best_top1,
                     best_path, last_path)
     return result
+
+
+def _draws_in_graph(config: ViTConfig) -> bool:
+    """Whether training the model draws random numbers inside its graph (stochastic depth, dropout)."""
+    return max(config.drop_path_rate, config.dropout, config.attention_dropout) > 0
 
 
 def _preset_name(model: str, config: ViTConfig) -> str:
