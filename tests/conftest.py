@@ -7,6 +7,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from torch_env import make_torchvision_importable
+
 ms.set_device("CPU")
 
 
@@ -33,37 +35,8 @@ def rng():
 _CACHE = tempfile.mkdtemp(prefix="vit_ms_test_cache_")
 
 
-def _make_torchvision_importable():
-    """Let timm (a test reference) import torchvision next to the CPU-only torch wheel.
-
-    `pip install torch==2.13.0` takes the local `+cpu` wheel, while timm's dependency torchvision 0.28.0
-    comes from PyPI, built against CUDA torch: its C extension does not load (libc10_cuda.so is missing),
-    which torchvision tolerates everywhere except two unguarded fake-kernel registrations for
-    `torchvision::nms` / `qnms` in `_meta_registrations.py`, so `import torchvision` (and timm) raises
-    "operator torchvision::nms does not exist". Declaring those two schemas first makes the import succeed;
-    the tests use no torchvision op. With a matching torchvision the first import succeeds and nothing is
-    declared.
-    """
-    import sys
-
-    import torch
-
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as error:
-        if "torchvision::nms does not exist" not in str(error):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        library = torch.library.Library("torchvision", "DEF")
-        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _make_torchvision_importable.library = library  # the declarations live as long as the Library
-        import torchvision  # noqa: F401,F811
-
-
 def pytest_configure(config):
-    _make_torchvision_importable()
+    make_torchvision_importable()  # timm, a test reference, imports it
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING chatter off; errors still show
     # Compiled CPU kernels and downloaded weights go to a per-session folder, not the user's ~/.cache
     # (subprocesses started by the CLI tests inherit these too).

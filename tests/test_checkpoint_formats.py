@@ -22,6 +22,7 @@ from checkpoint_helpers import (TINY, TINY_JAX, TINY_TUTORIAL, TUTORIAL_KEYS, Ti
 from vit_ms import ViTConfig, create_model, load_weights
 from vit_ms.checkpoint import (FORMATS, SOURCES, CheckpointError, convert, detect_source, infer_config,
                                load_model, make_metadata, resample_pos_embed, save_checkpoint)
+from vit_ms.checkpoint.loading import NEW_HEAD
 
 # ---------------------------------------------------------------------------------------------------
 # The tutorial's MindSpore checkpoint
@@ -226,6 +227,21 @@ def test_jax_pre_logits_and_the_head_on_top_are_dropped(tmp_path, caplog, prefix
 # ---------------------------------------------------------------------------------------------------
 # Allowed differences: head, position embedding
 # ---------------------------------------------------------------------------------------------------
+
+def test_new_head_leaves_out_a_head_of_the_same_shape_without_a_warning(tmp_path, caplog):
+    # Fine-tuning onto other classes of the same count: the file's head fits but means other classes.
+    path = save_state_dict(random_torch(TimmViT, TINY), tmp_path / "same_count.safetensors")
+    net = create_model(TINY)
+    with caplog.at_level(logging.INFO, logger="vit_ms.checkpoint"):
+        report = load_weights(net, path, new_head=True)
+    assert report.dropped == {"head.weight": NEW_HEAD, "head.bias": NEW_HEAD} and not report.initialised
+    assert "head.weight" not in report.loaded and len(report.loaded) == len(dict(net.parameters_and_names())) - 2
+    assert not net.head.weight.asnumpy().any() and not net.head.bias.asnumpy().any()  # the model's zero head
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert f"dropped 2 ({NEW_HEAD}: head.weight, head.bias)" in caplog.text
+    load_weights(net, path)  # without it, the same file's head is loaded
+    assert net.head.weight.asnumpy().any()
+
 
 def test_head_with_another_class_count_is_dropped_with_a_warning(tmp_path, caplog):
     model = random_torch(TimmViT, TINY)

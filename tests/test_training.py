@@ -15,14 +15,17 @@ import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn
+from mindspore.train import Callback
 from PIL import Image
 
 from vit_ms import create_model
 from vit_ms.checkpoint import CheckpointError, export_checkpoint, load_model, read_metadata, read_params
 from vit_ms.data import DatasetError
+from vit_ms.evaluate import imagenet_classes
 from vit_ms.training import (RunFolderError, SoftCrossEntropy, TrainingDiverged, create_optimizer, lr_schedule,
                              param_groups, read_metrics, resolve_train_config, run_followups, train)
 from vit_ms.training.config import RECIPES, TrainConfig, get_train_config
+from vit_ms.training.loop import _keeps_head
 
 # A model that compiles in seconds: 16-pixel images, 2x2 patches of 8, width 32, one block.
 TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
@@ -180,7 +183,7 @@ def test_a_zoo_name_in_pretrained_brings_its_architecture_and_preprocessing():
 
     # --model says Ti, the weights are an S/16: the weights' architecture wins; the image size is the run's.
     cfg = get_train_config("finetune", pretrained="augreg_vit_s_16_224", model="vit_ti_16", image_size=160)
-    config, preprocess = _model_config(cfg, 5)
+    config, preprocess, _ = _model_config(cfg, 5)
     # ViT-S/16 (DeiT's table): width 384, depth 12, 6 heads, MLP 1536; AugReg's JAX numerics (eps 1e-6).
     assert (config.embed_dim, config.depth, config.num_heads, config.mlp_dim) == (384, 12, 6, 1536)
     assert (config.num_classes, config.image_size, config.drop_path_rate) == (5, 160, 0.1)
@@ -188,7 +191,7 @@ def test_a_zoo_name_in_pretrained_brings_its_architecture_and_preprocessing():
     assert (preprocess.mean, preprocess.std, preprocess.interpolation, preprocess.image_size) == (
         (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 160)
     # A file keeps --model and the preset's own preprocessing (ImageNet mean/std).
-    config, preprocess = _model_config(dataclasses.replace(cfg, pretrained="weights.npz"), 5)
+    config, preprocess, _ = _model_config(dataclasses.replace(cfg, pretrained="weights.npz"), 5)
     assert config.embed_dim == 192 and preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
@@ -200,13 +203,13 @@ def test_the_transfer_recipes_take_the_image_size_of_the_weights_unless_one_is_g
     for recipe in ("finetune", "linear_probe"):
         cfg = resolve_train_config(recipe, pretrained="augreg_vit_s_16_384", model="vit_s_16")
         assert cfg.image_size is None
-        config, preprocess = _model_config(cfg, 5)
+        config, preprocess, _ = _model_config(cfg, 5)
         # AugReg's 384 px fine-tuning: a 24x24 grid, crop_pct 1.0 (timm's augreg_in21k_ft_in1k 384 cfg).
         assert (config.image_size, preprocess.image_size, preprocess.crop_pct) == (384, 384, 1.0)
-        config, preprocess = _model_config(dataclasses.replace(cfg, image_size=224), 5)
+        config, preprocess, _ = _model_config(dataclasses.replace(cfg, image_size=224), 5)
         assert (config.image_size, preprocess.image_size) == (224, 224)
         # A foreign file says nothing of its size: the --model preset's.
-        config, _ = _model_config(dataclasses.replace(cfg, pretrained="weights.npz", model="vit_b_32"), 5)
+        config, _, _ = _model_config(dataclasses.replace(cfg, pretrained="weights.npz", model="vit_b_32"), 5)
         assert (config.embed_dim, config.patch_size, config.image_size) == (768, 32, 224)
     assert resolve_train_config("scratch", model="vit_s_16").image_size == 224
 
@@ -371,12 +374,16 @@ def test_a_vit_ms_checkpoint_in_pretrained_brings_its_architecture_and_resume_ne
     pretrained = Path(shutil.copy(result.best_checkpoint, tmp_path / "pretrained.ckpt"))
     cfg = dataclasses.replace(cfg, model="vit_b_16", pretrained=str(pretrained), drop_path_rate=0.1,
                               model_overrides={}, image_size=None, output_dir=str(tmp_path / "finetuned"), epochs=1)
-    tuned = train(cfg)  # with --model's ViT-B this stopped at the first shape that did not fit
+    start = _HeadAtStart()
+    tuned = train(cfg, callbacks=[start])  # with --model's ViT-B this stopped at the first shape that did not fit
     log = (tuned.output_dir / "train.log").read_text()
     assert "is a vit_ms checkpoint of a ViT with width 32, depth 1, 2 heads, patch 8" in log
     assert f"image size 16 px: {pretrained}'s own" in log and "resampled" not in log
     assert "INFO model: {" in log and "INFO model vit_b_16" not in log  # it names no model it does not train
-    assert f"loaded 20 tensors from {pretrained} (vit_ms names)" in log  # every one: the same 3 classes
+    # Every tensor: the checkpoint's head is for the data's own 3 classes, so training goes on with it.
+    assert f"loaded 20 tensors from {pretrained} (vit_ms names)" in log and "new zero-initialised head" not in log
+    saved, _ = read_params(pretrained)
+    np.testing.assert_array_equal(start.weight, saved["head.weight"])
     meta = read_metadata(tuned.last_checkpoint)
     assert {k: meta["model"][k] for k in TINY_MODEL} == TINY_MODEL and meta["model"]["image_size"] == 16
     assert json.loads((tuned.output_dir / "config.json").read_text())["image_size"] == 16  # the size used
@@ -388,6 +395,46 @@ def test_a_vit_ms_checkpoint_in_pretrained_brings_its_architecture_and_resume_ne
     assert [r["epoch"] for r in read_metrics(resumed.output_dir)] == [1, 2]
     resumed_meta = read_metadata(resumed.last_checkpoint)
     assert resumed_meta["model"] == meta["model"] and resumed_meta["preprocess"] == meta["preprocess"]
+
+
+class _HeadAtStart(Callback):
+    """The classifier of the network being trained, as its first step finds it (copied: asnumpy shares memory)."""
+
+    def on_train_begin(self, run_context):
+        params = {p.name: p.asnumpy().copy() for p in run_context.original_args().train_network.get_parameters()}
+        self.weight, self.bias = params["head.weight"], params["head.bias"]
+
+
+def test_fine_tuning_onto_other_classes_of_the_same_count_starts_from_a_new_zero_head(tiny_run, tmp_path):
+    # The tiny run's head fits a 3-class data set but its rows are class_0..2, not red/green/blue: it used
+    # to be loaded and trained on as if they were the same classes (only a head of another size was left out).
+    cfg, result = tiny_run
+    data = make_image_folder(tmp_path / "colours")
+    for split in ("train", "val"):
+        for c, name in enumerate(("red", "green", "blue")):
+            (data / split / f"class_{c}").rename(data / split / name)
+    cfg = dataclasses.replace(cfg, data_path=str(data), pretrained=str(result.best_checkpoint), epochs=1,
+                              model_overrides={}, output_dir=str(tmp_path / "colours_run"))
+    start = _HeadAtStart()
+    tuned = train(cfg, callbacks=[start])
+    assert not start.weight.any() and not start.bias.any()
+    log = (tuned.output_dir / "train.log").read_text()
+    assert ("a new zero-initialised head for the 3 classes of the data (blue, green, red); the weights' head is "
+            "for 3 other classes (class_0, class_1, class_2)") in log
+    assert (f"loaded 18 tensors from {result.best_checkpoint} (vit_ms names); dropped 2 (a new head for the "
+            f"model's classes: head.weight, head.bias)") in log
+    assert "WARNING" not in log
+    assert read_metadata(tuned.last_checkpoint)["class_names"] == ["blue", "green", "red"]
+
+
+def test_only_a_head_whose_rows_are_the_datas_classes_is_kept():
+    wnids = [wnid for wnid, _ in imagenet_classes()]
+    assert _keeps_head((1000, None), wnids)  # the tutorial: ImageNet-1k weights, wnid folders
+    assert not _keeps_head((1000, None), [f"class_{i:04d}" for i in range(1000)])
+    assert _keeps_head((2, ["ants", "bees"]), ["ants", "bees"])
+    assert not _keeps_head((2, ["ants", "bees"]), ["bees", "cats"])
+    assert not _keeps_head((2, None), ["ants", "bees"])  # rows of unknown meaning
+    assert not _keeps_head(None, ["ants", "bees"])
 
 
 def test_a_foreign_weights_file_in_pretrained_brings_its_architecture_as_convert_reads_it(tiny_run, tmp_path):
@@ -403,7 +450,10 @@ def test_a_foreign_weights_file_in_pretrained_brings_its_architecture_as_convert
     log = (tuned.output_dir / "train.log").read_text()
     assert (f"--pretrained {timm_file} holds a ViT with width 32, depth 1, 2 heads, patch 8 (timm names): "
             f"training that architecture (not --model vit_b_16)") in log
-    assert f"image size 16 px: {timm_file}'s own" in log and f"loaded 20 tensors from {timm_file} (timm names)" in log
+    assert f"image size 16 px: {timm_file}'s own" in log
+    # A timm file cannot say which classes its head's 3 rows are: a new head for the data's.
+    assert f"loaded 18 tensors from {timm_file} (timm names); dropped 2 (a new head" in log
+    assert "the weights' head is for 3 unnamed classes" in log
     meta = read_metadata(tuned.last_checkpoint)
     assert {k: meta["model"][k] for k in TINY_MODEL} == TINY_MODEL and meta["model"]["image_size"] == 16
     # timm's numerics and preprocessing convention (convert.py's): eps 1e-6, exact GELU, ImageNet statistics.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -48,7 +48,10 @@ class LoadReport:
         return text
 
 
-def load_weights(net, path, source: str = "auto", strict: bool = False) -> LoadReport:
+NEW_HEAD = "a new head for the model's classes"  # why load_weights(new_head=True) leaves the head out
+
+
+def load_weights(net, path, source: str = "auto", strict: bool = False, new_head: bool = False) -> LoadReport:
     """Load a weights file of any supported format and naming scheme into `net`, in place.
 
     Everything is checked before anything is assigned: on any error the net is left exactly as it was.
@@ -64,16 +67,23 @@ def load_weights(net, path, source: str = "auto", strict: bool = False) -> LoadR
             file, or a Hugging Face `save_pretrained` folder.
         source: "auto" (detect from the names) or a key of `vit_ms.checkpoint.FORMATS`.
         strict: require an exact match: no head dropping, no resampling, nothing missing.
+        new_head: leave the file's classifier (head.weight, head.bias) out whatever its shape, as fine-tuning
+            onto other classes does: the model keeps its own head (vit_ms's: zero-initialised).
     """
     params, meta = read_params(path)
-    return load_params(net, params, str(path), source, meta, strict, owned=True)
+    return load_params(net, params, str(path), source, meta, strict, owned=True, new_head=new_head)
 
 
-def load_params(net, params, path: str, source: str, meta, strict: bool, owned: bool = False) -> LoadReport:
+def load_params(net, params, path: str, source: str, meta, strict: bool, owned: bool = False,
+                new_head: bool = False) -> LoadReport:
     """`load_weights` for tensors already read; `path` names them in messages; `owned` as for `assign`."""
     if source == "auto":
         source = detect_source(list(params) + ([META_KEY] if meta is not None else []))
     converted = convert_detailed(params, source)
+    if new_head:
+        dropped = {name: NEW_HEAD for name in ("head.weight", "head.bias") if name in converted.params}
+        converted = replace(converted, dropped={**converted.dropped, **dropped},
+                                        params={k: v for k, v in converted.params.items() if k not in dropped})
     report, assignments = plan(net, converted, path, source, strict)
     report.metadata = meta
     assign(report, assignments, owned)

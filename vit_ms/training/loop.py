@@ -25,6 +25,7 @@ from mindspore.train.metrics import TopKCategoricalAccuracy
 from .. import checkpoint as ckpt
 from .. import data, graph_cache, interrupts
 from ..config import PRESETS, Preprocess, ViTConfig, get_config
+from ..evaluate import imagenet_classes
 from ..layers import use_fused_kernels
 from ..model import ViT, set_dynamic_batch
 from . import rundir
@@ -71,6 +72,8 @@ class _Data:
     val_images: int
     optimizer_steps: int  # optimizer steps per epoch: steps_per_epoch // accum_steps
     ema_val: object = None  # a second val pipeline for evaluating the EMA weights (None: no EMA)
+    head: Optional[tuple] = None  # (classes, names or None) of the pretrained weights' head; None: no weights
+    new_head: bool = True  # the pretrained weights' head is not loaded (`_keeps_head`)
 
 
 @dataclasses.dataclass
@@ -192,7 +195,8 @@ def _fit_batch_size(cfg: TrainConfig, root: Path, group_size: int) -> TrainConfi
 
 def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path] = None,
                   saved: Optional[Path] = None) -> tuple:
-    """(ViTConfig, Preprocess) of the run. --pretrained brings its architecture and preprocessing (mean, std,
+    """(ViTConfig, Preprocess, head) of the run; head: (classes, class names or None) of the --pretrained
+    weights' classifier, None without weights to load. --pretrained brings its architecture and preprocessing (mean, std,
     interpolation; the image size unless the run sets one), so eval and infer read the weights' own from the
     checkpoint metadata: a ZOO name its entry's; a vit_ms checkpoint (`pretrained`, the resolved file: one of
     our runs, or what `convert.py` wrote) its metadata's; another file (timm, HF, torchvision, JAX ...) what
@@ -203,16 +207,18 @@ def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path]
     # A vit_ms .ckpt carries its model and preprocessing (vit_ms.checkpoint.format); other files do not.
     own = entry is None and pretrained is not None and pretrained.suffix.lower() == ".ckpt"
     meta = ckpt.read_metadata(pretrained) if own else None
-    preprocess = None  # the preset's, for the config built
+    preprocess = head = None  # the preset's, for the config built
     if saved is not None:
         (source, preprocess), origin = ckpt.config_from_metadata(ckpt.read_metadata(saved)), "the run's own"
     elif entry is not None:
         source, preprocess, origin = entry.config(), entry.preprocess(), f"the {cfg.pretrained} weights' own"
+        head = (source.num_classes, None)
         if entry.preset != cfg.model:
             logger.info("--pretrained %s holds a %s: training that architecture (not --model %s)", cfg.pretrained,
                         entry.preset, cfg.model)
     elif meta is not None:
         (source, preprocess), origin = ckpt.config_from_metadata(meta), f"{pretrained}'s own"
+        head = (source.num_classes, meta.get("class_names"))
         logger.info("--pretrained %s is a vit_ms checkpoint of a ViT with width %d, depth %d, %d heads, patch %d: "
                     "training that architecture (--model %s not used)", pretrained, source.embed_dim, source.depth,
                     source.num_heads, source.patch_size, cfg.model)
@@ -227,6 +233,7 @@ def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path]
                         weights.config.depth, weights.config.num_heads, weights.config.patch_size, weights.source,
                         cfg.model)
         source, preprocess, origin = weights.config, weights.preprocess, f"{pretrained}'s own"
+        head = (source.num_classes, weights.class_names)
     else:
         source, origin = cfg.model, f"the {cfg.model} preset's"
     settings = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path_rate)
@@ -236,8 +243,35 @@ def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path]
     if cfg.image_size is None:
         logger.info("image size %d px: %s (--image_size sets another)", config.image_size, origin)
     if preprocess is None:
-        return config, Preprocess.for_model(config)
-    return config, dataclasses.replace(preprocess, image_size=config.image_size)
+        return config, Preprocess.for_model(config), head
+    return config, dataclasses.replace(preprocess, image_size=config.image_size), head
+
+
+def _names(names: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+def _head_text(head: tuple) -> str:
+    rows, names = head
+    if names is not None:
+        return f"{rows} other classes ({_names(list(names))})"
+    return f"ImageNet-1k's {rows} classes" if rows == len(imagenet_classes()) else f"{rows} unnamed classes"
+
+
+def _keeps_head(head: Optional[tuple], classes: Sequence[str]) -> bool:
+    """Whether the pretrained classifier's rows are the data's classes, one for one, so that the run goes on
+    training it. Otherwise the run starts from a new zero-initialised head, as the ViT paper fine-tunes
+    (Sec. 3.2: "remove the pre-trained prediction head and attach a zero-initialized D x K feedforward
+    layer"; big_vision's transfer configs never load it). A head of the same size is not enough: two
+    classes of ants and bees are not two classes of cats and dogs. A head without class names with 1000
+    rows is ImageNet-1k's in the standard order (as eval.py and infer.py read it), whose folders are the
+    wnids: the tutorial fine-tunes its ImageNet head on such folders."""
+    if head is None:
+        return False
+    rows, names = head
+    if names is None and rows == len(imagenet_classes()):
+        names = [wnid for wnid, _ in imagenet_classes()]
+    return names is not None and list(names) == list(classes)
 
 
 def _augmentation(cfg: TrainConfig) -> Optional[dict]:
@@ -253,7 +287,7 @@ def _build_data(cfg: TrainConfig, inputs: _Inputs, rank: int, group_size: int) -
     and val pipelines."""
     root = inputs.root
     classes = data.class_names(root, "train")
-    config, preprocess = _model_config(cfg, len(classes), inputs.pretrained, inputs.saved)
+    config, preprocess, head = _model_config(cfg, len(classes), inputs.pretrained, inputs.saved)
     shard = dict(num_shards=group_size, shard_id=rank) if cfg.distributed else {}
     # check: "full" decodes every file, "header" only opens it, "none" trusts the files.
     common = dict(num_workers=cfg.num_workers, class_names=classes, check=cfg.data_check)
@@ -288,7 +322,7 @@ def _build_data(cfg: TrainConfig, inputs: _Inputs, rank: int, group_size: int) -
         ema_val, _ = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False,
                                          **dict(common, check="none"))  # checked above
     return _Data(classes, config, preprocess, train_ds, val_ds, steps_per_epoch, val_info.num_images,
-                 steps_per_epoch // cfg.accum_steps, ema_val)
+                 steps_per_epoch // cfg.accum_steps, ema_val, head, new_head=not _keeps_head(head, classes))
 
 
 def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path], writer: bool) -> _Trainer:
@@ -299,7 +333,10 @@ def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path],
     # The one fused-kernel policy, told what only training knows: the device and the AMP level to come.
     net = ViT(batches.config, fast=fast)
     if pretrained is not None:
-        ckpt.load_weights(net, pretrained)  # logs what it loaded, dropped and resampled
+        ckpt.load_weights(net, pretrained, new_head=batches.new_head)  # logs what it loaded, dropped, resampled
+        if batches.new_head:
+            logger.info("a new zero-initialised head for the %d classes of the data (%s); the weights' head is "
+                        "for %s", len(batches.classes), _names(batches.classes), _head_text(batches.head))
     if cfg.freeze_backbone:
         freeze_backbone(net, cfg.train_final_norm)  # before the optimizer takes the trainable parameters
     if cfg.recompute:
