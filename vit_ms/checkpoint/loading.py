@@ -83,7 +83,7 @@ def load_params(net, params, path: str, source: str, meta, strict: bool, owned: 
     if new_head:
         dropped = {name: NEW_HEAD for name in ("head.weight", "head.bias") if name in converted.params}
         converted = replace(converted, dropped={**converted.dropped, **dropped},
-                                        params={k: v for k, v in converted.params.items() if k not in dropped})
+                            params={k: v for k, v in converted.params.items() if k not in dropped})
     report, assignments = plan(net, converted, path, source, strict)
     report.metadata = meta
     assign(report, assignments, owned)

@@ -196,7 +196,9 @@ def _fit_batch_size(cfg: TrainConfig, root: Path, group_size: int) -> TrainConfi
 def _model_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[Path] = None,
                   saved: Optional[Path] = None) -> tuple:
     """(ViTConfig, Preprocess, head) of the run; head: (classes, class names or None) of the --pretrained
-    weights' classifier, None without weights to load. --pretrained brings its architecture and preprocessing (mean, std,
+    weights' classifier, None without weights to load (`_keeps_head`).
+
+    --pretrained brings its architecture and preprocessing (mean, std,
     interpolation; the image size unless the run sets one), so eval and infer read the weights' own from the
     checkpoint metadata: a ZOO name its entry's; a vit_ms checkpoint (`pretrained`, the resolved file: one of
     our runs, or what `convert.py` wrote) its metadata's; another file (timm, HF, torchvision, JAX ...) what
