@@ -380,3 +380,20 @@ def test_malicious_archive_members_are_rejected(tmp_path, server, evil):
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert written == ["deep", "deep/datasets"]
     assert not Path("/tmp/vit_ms_absolute_escape.txt").exists()
+
+
+def test_decode_workers_are_capped_at_the_cores_this_process_may_run_on(tmp_path):
+    # A process pinned to one core (taskset, a container's cpuset, msrun --bind_core True) decodes with one
+    # worker, not with one per core of the machine.
+    script = ("import os, sys\n"
+              "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+              "from vit_ms.data.files import available_cores, worker_count\n"
+              "print(available_cores(), worker_count(None), worker_count(8), os.cpu_count())\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    cores, default, capped, machine = map(int, done.stdout.split())
+    assert (cores, default, capped) == (1, 1, 1)
+    unpinned = data.files.worker_count(None)
+    assert unpinned == len(os.sched_getaffinity(0)) and unpinned <= machine

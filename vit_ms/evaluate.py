@@ -21,7 +21,6 @@ import glob
 import io
 import json
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from mindspore import nn
 
 from . import data
+from .data.files import worker_count
 from .checkpoint import load_model, make_metadata
 from .config import Preprocess, ViTConfig, get_config
 from .files import write_text_atomic
@@ -260,11 +260,6 @@ def run_batch(classifier: Classifier, images: np.ndarray) -> np.ndarray:
 # The batch engine: check files, decode in a parallel pipeline, run the model
 # ---------------------------------------------------------------------------------------------------------
 
-def _workers(num_workers: Optional[int]) -> int:
-    cores = os.cpu_count() or 1
-    return max(1, min(num_workers or cores, cores))
-
-
 def check_files(paths: Sequence, num_workers: Optional[int] = None) -> Tuple[List[int], List[Tuple[str, str]]]:
     """Positions of the decodable files in `paths`, and (path, reason) for each other one.
 
@@ -278,7 +273,7 @@ def check_files(paths: Sequence, num_workers: Optional[int] = None) -> Tuple[Lis
         path = Path(path)
         return "no such file" if not path.is_file() else data.check_image(path, "header")
 
-    with ThreadPoolExecutor(_workers(num_workers)) as pool:
+    with ThreadPoolExecutor(worker_count(num_workers)) as pool:
         reasons = list(pool.map(reason, paths))
     good = [i for i, r in enumerate(reasons) if r is None]
     bad = [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
@@ -306,7 +301,7 @@ def _pipeline(paths: Sequence, preprocess: Preprocess, batch_size: int, num_work
     dataset = ds.GeneratorDataset(_EncodedFiles(paths), column_names=["image", "position"], shuffle=False,
                                   num_parallel_workers=1, python_multiprocessing=False)
     dataset = dataset.map(data.eval_transforms(preprocess), input_columns="image",
-                          num_parallel_workers=_workers(num_workers))
+                          num_parallel_workers=worker_count(num_workers))
     return dataset.batch(batch_size).create_tuple_iterator(output_numpy=True, num_epochs=1)
 
 
@@ -674,7 +669,7 @@ class PictureWriter:
         viz.load_matplotlib()  # here, not in the pool's threads (see load_matplotlib)
         self.classifier = classifier
         self.out_dir = Path(out_dir)
-        self.pool = ThreadPoolExecutor(_workers(num_threads), thread_name_prefix="vit_ms-pictures")
+        self.pool = ThreadPoolExecutor(worker_count(num_threads), thread_name_prefix="vit_ms-pictures")
         self.jobs: List[Tuple[dict, str, Future]] = []
         self.used: set = set()
 

@@ -187,9 +187,18 @@ def _ends_with_jpeg_eoi(image) -> bool:
     return stream.read().rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
+def available_cores() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS keeps one (`taskset`, a container's
+    cpuset, `msrun --bind_core True`, which gives each rank its own cores), else every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def worker_count(num_workers: Optional[int]) -> int:
-    """`num_workers` capped at the core count (default: all cores), at least 1."""
-    cores = os.cpu_count() or 1
+    """`num_workers` capped at the cores this process may use (default: all of them), at least 1."""
+    cores = available_cores()
     return max(1, min(num_workers or cores, cores))
 
 

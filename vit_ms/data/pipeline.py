@@ -316,7 +316,7 @@ def create_dataset(root, split: str, preprocess: Preprocess, batch_size: int, *,
             checkpoint metadata); len(mean) is the channel count.
         batch_size: images per batch.
         training: random-crop/flip augmentation; defaults to `split == "train"`.
-        num_workers: parallel decode workers, capped at the core count (default: all cores).
+        num_workers: parallel decode workers, capped at the cores this process may run on (default: all).
         num_shards, shard_id: data-parallel sharding; each shard gets a disjoint part of the files, and
             the check is shared out between the shards.
         shuffle, drop_remainder: default to `training`.
