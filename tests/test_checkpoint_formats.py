@@ -21,7 +21,7 @@ from checkpoint_helpers import (TINY, TINY_JAX, TINY_TUTORIAL, TUTORIAL_KEYS, Ti
                                 tutorial_names_for, old_torchvision_name)
 from vit_ms import ViTConfig, create_model, load_weights
 from vit_ms.checkpoint import (FORMATS, SOURCES, CheckpointError, convert, detect_source, infer_config,
-                               load_model, make_metadata, resample_pos_embed, save_checkpoint)
+                               load_model, make_metadata, read_params, resample_pos_embed, save_checkpoint)
 from vit_ms.checkpoint.loading import NEW_HEAD
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,6 +241,14 @@ def test_new_head_leaves_out_a_head_of_the_same_shape_without_a_warning(tmp_path
     assert f"dropped 2 ({NEW_HEAD}: head.weight, head.bias)" in caplog.text
     load_weights(net, path)  # without it, the same file's head is loaded
     assert net.head.weight.asnumpy().any()
+    # A file without a head (e.g. self-supervised pretraining): nothing to drop, and no warning either.
+    headless = {k: v for k, v in read_params(path)[0].items() if not k.startswith("head.")}
+    save_safetensors_numpy(headless, str(tmp_path / "headless.safetensors"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vit_ms.checkpoint"):
+        report = load_weights(create_model(TINY), tmp_path / "headless.safetensors", new_head=True)
+    assert not report.dropped and not report.initialised
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_head_with_another_class_count_is_dropped_with_a_warning(tmp_path, caplog):

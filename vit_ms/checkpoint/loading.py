@@ -85,6 +85,8 @@ def load_params(net, params, path: str, source: str, meta, strict: bool, owned: 
         converted = replace(converted, dropped={**converted.dropped, **dropped},
                             params={k: v for k, v in converted.params.items() if k not in dropped})
     report, assignments = plan(net, converted, path, source, strict)
+    if new_head:  # a file without a head is no surprise when the model keeps its own
+        report.initialised = [name for name in report.initialised if name not in ("head.weight", "head.bias")]
     report.metadata = meta
     assign(report, assignments, owned)
     return report

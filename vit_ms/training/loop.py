@@ -335,10 +335,11 @@ def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path],
     # The one fused-kernel policy, told what only training knows: the device and the AMP level to come.
     net = ViT(batches.config, fast=fast)
     if pretrained is not None:
-        ckpt.load_weights(net, pretrained, new_head=batches.new_head)  # logs what it loaded, dropped, resampled
+        report = ckpt.load_weights(net, pretrained, new_head=batches.new_head)  # logs what it loaded, dropped...
         if batches.new_head:
-            logger.info("a new zero-initialised head for the %d classes of the data (%s); the weights' head is "
-                        "for %s", len(batches.classes), _names(batches.classes), _head_text(batches.head))
+            logger.info("a new zero-initialised head for the %d classes of the data (%s); %s", len(batches.classes),
+                        _names(batches.classes), f"the weights' head is for {_head_text(batches.head)}"
+                        if "head.weight" in report.dropped else "the weights have no head")
     if cfg.freeze_backbone:
         freeze_backbone(net, cfg.train_final_norm)  # before the optimizer takes the trainable parameters
     if cfg.recompute:
