@@ -29,11 +29,11 @@ def graph():
     ms.set_context(mode=previous)
 
 
-def tiny(fast=False, seed=0):
+def tiny(fast=False, seed=0, drop_path_rate=0.0):
     """A 2-block ViT on 16 px images; the head made non-zero so every parameter gets a gradient."""
     ms.set_seed(seed)
     net = create_model("vit_ti_16", fast=fast, image_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                       mlp_dim=64, num_classes=CLASSES)
+                       mlp_dim=64, num_classes=CLASSES, drop_path_rate=drop_path_rate)
     head = np.random.default_rng(seed + 100).standard_normal((CLASSES, 32)).astype(np.float32) * 0.3
     net.head.weight.set_data(ms.Tensor(head))
     return net
@@ -266,11 +266,23 @@ def test_frozen_backbone_changes_only_the_head(train_final_norm):
     assert changed == expected
 
 
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.9], ids=["no_drop_path", "drop_path"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_recompute_gives_the_same_gradients(graph, fast):
-    x, y = batch(4)
-    plain = grads_of(tiny(fast), x, y)
-    recomputed = grads_of(apply_recompute(tiny(fast)), x, y)
+def test_recompute_gives_the_same_gradients(graph, fast, drop_path_rate):
+    # With stochastic depth (the finetune recipe's 0.1; 0.9 here, so the second block drops most samples'
+    # branches), the recomputed forward must drop what the first forward dropped.
+    x, y = batch(16)
+
+    def net():
+        built = tiny(fast, drop_path_rate=drop_path_rate)
+        built.set_train(True)  # DropPath draws in training mode only
+        return built
+
+    plain = grads_of(net(), x, y)
+    recomputed = grads_of(apply_recompute(net()), x, y)
+    if drop_path_rate:  # the masks are at work: other gradients than without stochastic depth
+        still = grads_of(tiny(fast), x, y)
+        assert any(not np.allclose(still[name], g) for name, g in plain.items())
     for name, g in plain.items():
         # Recomputation reruns the same kernels on the same inputs: equal up to (at most) reduction order.
         np.testing.assert_allclose(recomputed[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
