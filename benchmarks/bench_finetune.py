@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -52,22 +51,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import cpu_label  # noqa: E402  (the CPU and its widest vector ISA, as every table names it)
 # vit_ms presets -> timm's names of the same architecture (timm/models/vision_transformer.py).
 TIMM_NAMES = {"vit_ti_16": "vit_tiny_patch16_224", "vit_s_16": "vit_small_patch16_224",
               "vit_b_16": "vit_base_patch16_224"}
 RECIPE = dict(weight_decay=0.05, layer_decay=0.75, base_lr=5e-4, min_lr=1e-6, clip_grad=1.0, label_smoothing=0.1,
               mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, random_erasing=0.25, drop_path_rate=0.1,
               ema_decay=0.9998, ra_num_ops=2, ra_magnitude=9, crop_min_scale=0.08)
-
-
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    isa = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
-    return f"{model}, {os.cpu_count()} logical CPUs, {isa}"
 
 
 # --- children -------------------------------------------------------------------------------------------
@@ -311,7 +302,7 @@ def main(argv=None) -> int:
     summary = {f: summarize(rs) for f, rs in runs.items()}
     print(f"\nFine-tuning {args.model} ({TIMM_NAMES[args.model]}) at {preprocess['image_size']} px on {args.data}: "
           f"{args.epochs} epochs of batch {args.batch_size}, {args.rounds} round(s), vit_ms's graph cache "
-          f"{'warm' if args.graph_cache else 'off'}; {_cpu()}")
+          f"{'warm' if args.graph_cache else 'off'}; {cpu_label()}")
     print("| framework | launch to exit s | first epoch s | steady epoch s | train img/s | spread | "
           "val top-1 (EMA) | steady epoch vs torch |")
     print("|---|---|---|---|---|---|---|---|")
@@ -323,7 +314,7 @@ def main(argv=None) -> int:
               f"({100 * s['ema_top1']:.1f}%) | {ratio} |")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"cpu": _cpu(), "model": args.model, "epochs": args.epochs,
+        args.output.write_text(json.dumps({"cpu": cpu_label(), "model": args.model, "epochs": args.epochs,
                                            "batch_size": args.batch_size, "preprocess": preprocess,
                                            "summary": summary, "runs": runs}, indent=1))
     return 0

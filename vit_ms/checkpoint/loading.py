@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -49,6 +49,7 @@ class LoadReport:
 
 
 NEW_HEAD = "a new head for the model's classes"  # why load_weights(new_head=True) leaves the head out
+_HEAD = ("head.weight", "head.bias")
 
 
 def load_weights(net, path, source: str = "auto", strict: bool = False, new_head: bool = False) -> LoadReport:
@@ -80,13 +81,7 @@ def load_params(net, params, path: str, source: str, meta, strict: bool, owned: 
     if source == "auto":
         source = detect_source(list(params) + ([META_KEY] if meta is not None else []))
     converted = convert_detailed(params, source)
-    if new_head:
-        dropped = {name: NEW_HEAD for name in ("head.weight", "head.bias") if name in converted.params}
-        converted = replace(converted, dropped={**converted.dropped, **dropped},
-                            params={k: v for k, v in converted.params.items() if k not in dropped})
-    report, assignments = plan(net, converted, path, source, strict)
-    if new_head:  # a file without a head is no surprise when the model keeps its own
-        report.initialised = [name for name in report.initialised if name not in ("head.weight", "head.bias")]
+    report, assignments = plan(net, converted, path, source, strict, new_head)
     report.metadata = meta
     assign(report, assignments, owned)
     return report
@@ -179,8 +174,9 @@ def _root(value: np.ndarray) -> np.ndarray:
     return value
 
 
-def plan(net, converted: Converted, path: str, source: str, strict: bool):
-    """Check every tensor against the net; return (report, [(name, parameter, value)]) or raise."""
+def plan(net, converted: Converted, path: str, source: str, strict: bool, new_head: bool = False):
+    """Check every tensor against the net; return (report, [(name, parameter, value)]) or raise.
+    `new_head`: as for `load_weights`."""
     expected = {name: param for name, param in net.parameters_and_names()}
     problems = list(converted.problems)
     report = LoadReport(path=path, source=source, dropped=dict(converted.dropped))
@@ -189,14 +185,15 @@ def plan(net, converted: Converted, path: str, source: str, strict: bool):
 
     head_w = values.get("head.weight")
     model_head = expected.get("head.weight")
-    if (not strict and head_w is not None and model_head is not None and head_w.ndim == 2
+    reason = NEW_HEAD if new_head else None
+    if (reason is None and not strict and head_w is not None and model_head is not None and head_w.ndim == 2
             and head_w.shape[1] == model_head.shape[1] and head_w.shape[0] != model_head.shape[0]):
         reason = (f"head for {head_w.shape[0]} classes, the model has {model_head.shape[0]}: "
                   f"the model keeps its own head")
-        for name in ("head.weight", "head.bias"):
-            if name in values:
-                values.pop(name)
-                report.dropped[name] = reason
+    for name in _HEAD if reason else ():
+        if name in values:
+            values.pop(name)
+            report.dropped[name] = reason
 
     for name, value in values.items():
         param = expected.get(name)
@@ -217,8 +214,10 @@ def plan(net, converted: Converted, path: str, source: str, strict: bool):
             continue
         assignments.append((name, param, value))
 
-    missing = [name for name in expected if name not in values and name not in report.dropped]
-    head_only = set(missing) <= {"head.weight", "head.bias"}
+    # With new_head the model's own head is what is wanted: a file without one lacks nothing.
+    missing = [name for name in expected if name not in values and name not in report.dropped
+               and not (new_head and name in _HEAD)]
+    head_only = set(missing) <= set(_HEAD)
     if missing and head_only and not strict:
         report.initialised = missing
     else:

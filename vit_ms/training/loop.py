@@ -73,7 +73,6 @@ class _Data:
     optimizer_steps: int  # optimizer steps per epoch: steps_per_epoch // accum_steps
     ema_val: object = None  # a second val pipeline for evaluating the EMA weights (None: no EMA)
     head: Optional[tuple] = None  # (classes, names or None) of the pretrained weights' head; None: no weights
-    new_head: bool = True  # the pretrained weights' head is not loaded (`_keeps_head`)
 
 
 @dataclasses.dataclass
@@ -324,7 +323,7 @@ def _build_data(cfg: TrainConfig, inputs: _Inputs, rank: int, group_size: int) -
         ema_val, _ = data.create_dataset(root, "val", preprocess, cfg.batch_size, training=False,
                                          **dict(common, check="none"))  # checked above
     return _Data(classes, config, preprocess, train_ds, val_ds, steps_per_epoch, val_info.num_images,
-                 steps_per_epoch // cfg.accum_steps, ema_val, head, new_head=not _keeps_head(head, classes))
+                 steps_per_epoch // cfg.accum_steps, ema_val, head)
 
 
 def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path], writer: bool) -> _Trainer:
@@ -335,8 +334,9 @@ def _build_trainer(cfg: TrainConfig, batches: _Data, pretrained: Optional[Path],
     # The one fused-kernel policy, told what only training knows: the device and the AMP level to come.
     net = ViT(batches.config, fast=fast)
     if pretrained is not None:
-        report = ckpt.load_weights(net, pretrained, new_head=batches.new_head)  # logs what it loaded, dropped...
-        if batches.new_head:
+        new_head = not _keeps_head(batches.head, batches.classes)
+        report = ckpt.load_weights(net, pretrained, new_head=new_head)  # logs what it loaded, dropped, resampled
+        if new_head:
             logger.info("a new zero-initialised head for the %d classes of the data (%s); %s", len(batches.classes),
                         _names(batches.classes), f"the weights' head is for {_head_text(batches.head)}"
                         if "head.weight" in report.dropped else "the weights have no head")
